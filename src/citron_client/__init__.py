@@ -1,0 +1,1 @@
+"""citron_client: runner, backend and front clients of the citron protocol."""

@@ -1,0 +1,551 @@
+"""Encode messages to frames and decode frames to messages.
+
+One table, :data:`CLIENT_COMMANDS` and :data:`SERVER_COMMANDS`, maps each
+command to its message class; one cattrs converter maps payloads to classes
+and back, so encoding and decoding cannot disagree.
+
+Decoding is total: for any ``str``, :func:`decode` returns a message or raises
+a :class:`~citron_protocol.errors.ProtocolError`. Runner payloads that are not
+strict JSON get the legacy repair (see :func:`repair_legacy_payload`).
+Encoding always emits strict, compact JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any, Final
+
+import attrs
+import cattrs
+import orjson
+from cattrs.errors import BaseValidationError, ClassValidationError, IterableValidationError
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from .errors import (
+    Forbidden,
+    InvalidPayload,
+    MalformedFrame,
+    UnknownCommand,
+    UnknownRole,
+)
+from .messages import (
+    BuildInfo,
+    BuildReply,
+    Builds,
+    BuildState,
+    Cancel,
+    CancelBuild,
+    ClientMessage,
+    Error,
+    FieldError,
+    GetBuild,
+    GetBuilds,
+    GetRunners,
+    LogChunk,
+    Message,
+    Queued,
+    Ready,
+    Resume,
+    ResumePoint,
+    Role,
+    Run,
+    RunnerChange,
+    RunnerFinished,
+    RunnerInfo,
+    RunnerInit,
+    RunnerLog,
+    Runners,
+    RunnerState,
+    RunnerUnregister,
+    ServerMessage,
+    Shutdown,
+    StateChange,
+    SubmitBuild,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Unsubscribed,
+)
+
+__all__ = [
+    "CLIENT_COMMANDS",
+    "SERVER_COMMANDS",
+    "converter",
+    "decode",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "encode_log_chunk",
+    "parse_client",
+    "peek_req",
+    "repair_legacy_payload",
+    "split_client",
+]
+
+_ROLE_RE: Final = re.compile(r"[A-Z]+")
+_COMMAND_RE: Final = re.compile(r"[a-z_]+")
+_ROLES: Final = {r.value: r for r in Role}
+
+#: Client commands: command -> the roles that may send it -> the class(es).
+#: ``process`` has two classes, told apart by the payload's ``finished``.
+CLIENT_COMMANDS: Final[Mapping[str, Mapping[Role, tuple[type[ClientMessage], ...]]]] = {
+    "init": {Role.RUNNER: (RunnerInit,)},
+    "process": {Role.RUNNER: (RunnerLog, RunnerFinished)},
+    "unregister": {Role.RUNNER: (RunnerUnregister,)},
+    "run": {Role.API: (SubmitBuild,)},
+    "cancel": {Role.API: (CancelBuild,)},
+    **{
+        cls.COMMAND: {Role.API: (cls,), Role.WEB: (cls,)}
+        for cls in (GetRunners, GetBuilds, GetBuild, Subscribe, Unsubscribe)
+    },
+}
+
+#: Server commands: command -> class.
+SERVER_COMMANDS: Final[Mapping[str, type[ServerMessage]]] = {
+    cls.COMMAND: cls
+    for cls in (
+        Ready,
+        Run,
+        Cancel,
+        Shutdown,
+        Queued,
+        BuildReply,
+        Runners,
+        Builds,
+        Subscribed,
+        Unsubscribed,
+        LogChunk,
+        StateChange,
+        RunnerChange,
+        Error,
+    )
+}
+
+#: Commands whose canonical frame has an empty payload when no field is set.
+_EMPTY_WHEN_BARE: Final = frozenset({"unregister", "shutdown", "get_runners"})
+
+# -- the converter ------------------------------------------------------------------
+
+converter: Final = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+"""The one converter of payloads to messages and back.
+
+Primitive fields pass through unchanged, and the message classes' validators
+check them, so a wrong type is named with its field (``$.seq: expected an
+integer``) instead of being coerced (cattrs' default turns ``5`` into ``"5"``).
+"""
+
+
+def _passthrough(value: Any, _: Any) -> Any:
+    return value
+
+
+for _t in (str, int, float, bool):
+    converter.register_structure_hook(_t, _passthrough)
+_PASSTHROUGH_TYPES: Final = (
+    tuple[str, ...],
+    dict[str, str],
+    tuple[BuildInfo, ...],
+    tuple[RunnerInfo, ...],
+)
+converter.register_structure_hook_func(lambda t: t in _PASSTHROUGH_TYPES, _passthrough)
+
+
+def _enum_or_raw(value: Any, kind: type[StrEnum]) -> Any:
+    try:
+        return kind(value)
+    except (ValueError, TypeError):
+        return value  # the class's validator names the field and the choices
+
+
+for _e in (BuildState, RunnerState, Role):
+    converter.register_structure_hook(_e, _enum_or_raw)
+
+
+class _NotAnObject(TypeError):
+    pass
+
+
+def _object_hook(cls: type[Any]) -> Callable[[Any, Any], Any]:
+    renames = {"from_": override(rename="from")} if "from_" in attrs.fields_dict(cls) else {}
+    inner = make_dict_structure_fn(cls, converter, **renames)  # type: ignore[arg-type]
+
+    def structure(value: Any, _: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _NotAnObject("expected an object")
+        return inner(value, cls)
+
+    return structure
+
+
+for _obj in (Resume, ResumePoint, RunnerInfo, BuildInfo):
+    converter.register_structure_hook(_obj, _object_hook(_obj))
+    converter.register_unstructure_hook(_obj, make_dict_unstructure_fn(_obj, converter))
+
+# Messages: a payload's absent keys are the fields' defaults, and encoding
+# leaves out every field that is None (and ``protocol: 0`` of a legacy init).
+_STRUCTURE: dict[type[Any], Callable[[dict[str, Any]], Any]] = {}
+_UNSTRUCTURE: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
+
+
+def _register_message(cls: type[Any], omit: bool = True) -> None:
+    renames = {"from_": override(rename="from")} if "from_" in attrs.fields_dict(cls) else {}
+    structure = make_dict_structure_fn(cls, converter, **renames)  # type: ignore[arg-type]
+    unstructure = make_dict_unstructure_fn(
+        cls,
+        converter,
+        _cattrs_omit_if_default=omit,
+        **renames,  # type: ignore[arg-type]
+    )
+    _STRUCTURE[cls] = lambda d: structure(d, cls)
+    _UNSTRUCTURE[cls] = unstructure
+
+
+for _cls in (
+    RunnerInit,
+    RunnerLog,
+    RunnerFinished,
+    RunnerUnregister,
+    SubmitBuild,
+    CancelBuild,
+    GetRunners,
+    GetBuilds,
+    GetBuild,
+    Subscribe,
+    Unsubscribe,
+    Ready,
+    Run,
+    Cancel,
+    Shutdown,
+    Queued,
+    LogChunk,
+    Error,
+):
+    _register_message(_cls)
+# ``subscribed``/``unsubscribed`` always carry build and from, null or not.
+_register_message(Subscribed, omit=False)
+_register_message(Unsubscribed, omit=False)
+
+
+def _structure_list(items: Any, cls: type[Any], key: str) -> tuple[Any, ...]:
+    if not isinstance(items, list):
+        raise FieldError(key, "expected a list")
+    out = []
+    hook = converter.get_structure_hook(cls)
+    for i, item in enumerate(items):
+        try:
+            out.append(hook(item, cls))
+        except Exception as exc:
+            raise _PathError(f"{key}[{i}]", exc) from exc
+    return tuple(out)
+
+
+class _PathError(Exception):
+    def __init__(self, path: str, exc: Exception) -> None:
+        super().__init__(path)
+        self.path = path
+        self.exc = exc
+
+
+def _without_req(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "req"}
+
+
+_STRUCTURE[BuildReply] = lambda d: BuildReply(
+    build=converter.structure(_without_req(d), BuildInfo), req=d.get("req")
+)
+_STRUCTURE[StateChange] = lambda d: StateChange(build=converter.structure(d, BuildInfo))
+_STRUCTURE[RunnerChange] = lambda d: RunnerChange(
+    runner=converter.structure({k: v for k, v in d.items() if k != "gone"}, RunnerInfo),
+    gone=d.get("gone", False),
+)
+_STRUCTURE[Runners] = lambda d: Runners(
+    runners=_structure_list(_require(d, "runners"), RunnerInfo, "runners"), req=d.get("req")
+)
+_STRUCTURE[Builds] = lambda d: Builds(
+    builds=_structure_list(_require(d, "builds"), BuildInfo, "builds"), req=d.get("req")
+)
+
+
+def _require(d: dict[str, Any], key: str) -> Any:
+    if key not in d:
+        raise KeyError(key)
+    return d[key]
+
+
+def _with_req(d: dict[str, Any], req: str | None) -> dict[str, Any]:
+    if req is not None:
+        d["req"] = req
+    return d
+
+
+_UNSTRUCTURE[BuildReply] = lambda m: _with_req(converter.unstructure(m.build), m.req)
+_UNSTRUCTURE[StateChange] = lambda m: converter.unstructure(m.build)
+_UNSTRUCTURE[RunnerChange] = lambda m: (
+    {**converter.unstructure(m.runner), "gone": True} if m.gone else converter.unstructure(m.runner)
+)
+_UNSTRUCTURE[Runners] = lambda m: _with_req(
+    {"runners": [converter.unstructure(r) for r in m.runners]}, m.req
+)
+_UNSTRUCTURE[Builds] = lambda m: _with_req(
+    {"builds": [converter.unstructure(b) for b in m.builds]}, m.req
+)
+
+# -- errors with paths ------------------------------------------------------------------
+
+
+def _describe(exc: BaseException, path: str) -> list[str]:
+    """Turn a structuring failure into ``$.path: problem`` sentences."""
+    if isinstance(exc, _PathError):
+        return _describe(exc.exc, f"{path}.{exc.path}")
+    if isinstance(exc, FieldError):
+        sep = "" if exc.field.startswith("[") else "."
+        return [f"{path}{sep}{exc.field}: {exc.problem}"]
+    if isinstance(exc, ClassValidationError):
+        out: list[str] = []
+        with_notes, others = exc.group_exceptions()
+        for sub, note in with_notes:
+            out += _describe(sub, f"{path}.{note.name}")
+        for sub in others:
+            out += _describe(sub, path)
+        return out
+    if isinstance(exc, IterableValidationError):
+        out = []
+        indexed, rest = exc.group_exceptions()
+        for sub, inote in indexed:
+            out += _describe(sub, f"{path}[{inote.index}]")
+        for sub in rest:
+            out += _describe(sub, path)
+        return out
+    if isinstance(exc, BaseValidationError):
+        return [f"{path}: {exc.message}"]
+    if isinstance(exc, KeyError):
+        return [f"{path}: required field missing"]
+    if isinstance(exc, _NotAnObject):
+        return [f"{path}: expected an object"]
+    return [f"{path}: {exc}"]
+
+
+def _req_of(payload: object) -> str | None:
+    if isinstance(payload, dict):
+        req = payload.get("req")
+        if isinstance(req, str):
+            return req
+    return None
+
+
+def _structure(cls: type[Any], payload: dict[str, Any], **extra: Any) -> Any:
+    try:
+        if extra:
+            return _STRUCTURE[cls]({**payload, **extra})
+        return _STRUCTURE[cls](payload)
+    except Exception as exc:  # noqa: BLE001 - every failure is the payload's fault
+        problems = _describe(exc, "$")
+        raise InvalidPayload("; ".join(problems), req=_req_of(payload)) from None
+
+
+# -- legacy repair --------------------------------------------------------------------
+
+_PAIR_RE: Final = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _repair_pair(m: re.Match[str]) -> str:
+    c = m.group(1)
+    if c == "'":
+        return "'"
+    if c == "0":
+        return "\\u0000"
+    return m.group(0)
+
+
+def repair_legacy_payload(payload: str) -> str:
+    """Undo PHP's ``addslashes`` where it is not JSON.
+
+    Backslash pairs are read left to right, each as a unit: ``\\'`` becomes
+    ``'``, ``\\0`` becomes ``\\u0000``, every other pair is kept. Raw control
+    characters are left for a non-strict JSON parser.
+    """
+    if "\\" not in payload:
+        return payload
+    return _PAIR_RE.sub(_repair_pair, payload)
+
+
+def _has_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(payload: str, tolerant: bool) -> Any:
+    """Parse a payload: strict JSON, then (runner frames) the legacy repair."""
+    if not payload:
+        return {}
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as strict_error:
+        if not tolerant:
+            raise InvalidPayload(f"payload is not JSON: {strict_error}") from None
+    try:
+        value = json.loads(
+            repair_legacy_payload(payload), strict=False, parse_constant=_reject_constant
+        )
+    except (ValueError, RecursionError) as exc:
+        raise InvalidPayload(f"payload is not JSON: {exc}") from None
+    if _has_surrogate(value):
+        raise InvalidPayload("payload is not JSON: lone surrogate in a string")
+    return value
+
+
+# -- decoding ----------------------------------------------------------------------
+
+
+def split_client(text: str) -> tuple[Role, str, str]:
+    """Split a client frame into role, command and payload text.
+
+    Raises :class:`MalformedFrame` or :class:`UnknownRole`; the payload is not
+    looked at.
+    """
+    parts = text.split(":", 2)
+    if len(parts) != 3:
+        raise MalformedFrame("expected ROLE:command:payload")
+    role, command, payload = parts
+    if not _ROLE_RE.fullmatch(role):
+        raise MalformedFrame("the role must be upper-case letters")
+    if not _COMMAND_RE.fullmatch(command):
+        raise MalformedFrame("the command must match [a-z_]+")
+    found = _ROLES.get(role)
+    if found is None:
+        raise UnknownRole(f"unknown role {role!r}; expected RUNNER, API or WEB")
+    return found, command, payload
+
+
+def peek_req(payload: str) -> str | None:
+    """The ``req`` of a payload, if it is a JSON object that has a string one."""
+    if "req" not in payload:
+        return None
+    try:
+        return _req_of(orjson.loads(payload))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def parse_client(role: Role, command: str, payload: str) -> ClientMessage:
+    """Turn a split client frame into its message.
+
+    Raises :class:`UnknownCommand`, :class:`Forbidden` or :class:`InvalidPayload`.
+    """
+    by_role = CLIENT_COMMANDS.get(command)
+    if by_role is None:
+        raise UnknownCommand(f"unknown command {command!r}", req=peek_req(payload))
+    classes = by_role.get(role)
+    if classes is None:
+        raise Forbidden(
+            f"{role}:{command} is not allowed; {command} is for " + ", ".join(sorted(by_role)),
+            req=peek_req(payload),
+        )
+    value = _loads(payload, tolerant=role is Role.RUNNER)
+    if not isinstance(value, dict):
+        raise InvalidPayload("$: expected an object")
+    if len(classes) == 2:  # process: finished picks the class
+        finished = value.get("finished")
+        if finished is None:
+            raise InvalidPayload("$.finished: required field missing")
+        if not isinstance(finished, bool):
+            raise InvalidPayload("$.finished: expected a boolean")
+        cls = classes[1] if finished else classes[0]
+        return _structure(cls, {k: v for k, v in value.items() if k != "finished"})  # type: ignore[no-any-return]
+    cls = classes[0]
+    if cls in _ROLE_FIELD:
+        return _structure(cls, value, role=role)  # type: ignore[no-any-return]
+    return _structure(cls, value)  # type: ignore[no-any-return]
+
+
+#: Messages that several roles share carry the role as a field.
+_ROLE_FIELD: Final = frozenset(
+    cls
+    for by_role in CLIENT_COMMANDS.values()
+    for classes in by_role.values()
+    for cls in classes
+    if "role" in attrs.fields_dict(cls)
+)
+
+
+def decode_client(text: str) -> ClientMessage:
+    """Decode a client frame (``ROLE:command:payload``)."""
+    return parse_client(*split_client(text))
+
+
+def decode_server(text: str) -> ServerMessage:
+    """Decode a server frame (``command:payload``)."""
+    parts = text.split(":", 1)
+    if len(parts) != 2 or not _COMMAND_RE.fullmatch(parts[0]):
+        raise MalformedFrame("expected command:payload")
+    command, payload = parts
+    cls = SERVER_COMMANDS.get(command)
+    if cls is None:
+        raise UnknownCommand(f"unknown command {command!r}", req=peek_req(payload))
+    value = _loads(payload, tolerant=False)
+    if not isinstance(value, dict):
+        raise InvalidPayload("$: expected an object")
+    return _structure(cls, value)  # type: ignore[no-any-return]
+
+
+def decode(text: str) -> Message:
+    """Decode any frame: a leading upper-case role marks a client frame.
+
+    Returns a message or raises :class:`ProtocolError`; nothing else.
+    """
+    if not isinstance(text, str):
+        raise MalformedFrame("a frame is text")
+    head = text.partition(":")[0]
+    if _ROLE_RE.fullmatch(head):
+        return decode_client(text)
+    return decode_server(text)
+
+
+# -- encoding ----------------------------------------------------------------------
+
+
+def _payload(message: Message) -> str:
+    cls = type(message)
+    fields = _UNSTRUCTURE[cls](message)
+    if cls is RunnerLog:
+        fields = {"finished": False, **fields}
+    elif cls is RunnerFinished:
+        fields = {"finished": True, **fields}
+    else:
+        fields.pop("role", None)
+        if not fields and message.COMMAND in _EMPTY_WHEN_BARE:
+            return ""
+    return orjson.dumps(fields).decode()
+
+
+def encode_log_chunk(build: str, seq: int, log: str) -> str:
+    """``encode(LogChunk(build=build, seq=seq, log=log))``, without building the
+    message: the hub's hot path. The arguments must be valid."""
+    return "log:" + orjson.dumps({"build": build, "seq": seq, "log": log}).decode()
+
+
+def encode(message: Message) -> str:
+    """Encode a message as one text frame (strict, compact JSON)."""
+    try:
+        if type(message) in SERVER_COMMANDS.values():
+            return f"{message.COMMAND}:{_payload(message)}"
+        role = message.role  # type: ignore[union-attr]
+        return f"{role}:{message.COMMAND}:{_payload(message)}"
+    except (KeyError, AttributeError):
+        raise TypeError(f"not a citron message: {message!r}") from None

@@ -1,0 +1,706 @@
+"""The typed messages of the citron wire protocol, one class per frame.
+
+Messages are frozen values, validated when built: a message that exists can be
+encoded. Each class names its command in ``COMMAND``; client messages name the
+roles that may send them in ``ROLES``. The codec (:mod:`citron_protocol.codec`)
+maps between these classes and frames.
+
+Client frames (``ROLE:command:payload``):
+
+=============================  ===============  ==================
+frame                          class            roles
+=============================  ===============  ==================
+``init``                       RunnerInit       RUNNER
+``process`` (finished false)   RunnerLog        RUNNER
+``process`` (finished true)    RunnerFinished   RUNNER
+``unregister``                 RunnerUnregister RUNNER
+``run``                        SubmitBuild      API
+``cancel``                     CancelBuild      API
+``get_runners``                GetRunners       API, WEB
+``get_builds``                 GetBuilds        API, WEB
+``get_build``                  GetBuild         API, WEB
+``subscribe``                  Subscribe        API, WEB
+``unsubscribe``                Unsubscribe      API, WEB
+=============================  ===============  ==================
+
+Server frames (``command:payload``): ``ready`` Ready, ``run`` Run, ``cancel``
+Cancel, ``shutdown`` Shutdown, ``queued`` Queued, ``build`` BuildReply,
+``runners`` Runners, ``builds`` Builds, ``subscribed`` Subscribed,
+``unsubscribed`` Unsubscribed, ``log`` LogChunk, ``state`` StateChange,
+``runner`` RunnerChange, ``error`` Error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import attrs
+
+__all__ = [
+    "MAX_INT",
+    "BuildInfo",
+    "BuildReply",
+    "BuildState",
+    "Builds",
+    "Cancel",
+    "CancelBuild",
+    "ClientMessage",
+    "Error",
+    "FieldError",
+    "GetBuild",
+    "GetBuilds",
+    "GetRunners",
+    "LogChunk",
+    "Message",
+    "Queued",
+    "Ready",
+    "Resume",
+    "ResumePoint",
+    "Role",
+    "Run",
+    "RunnerChange",
+    "RunnerFinished",
+    "RunnerInfo",
+    "RunnerInit",
+    "RunnerLog",
+    "RunnerState",
+    "RunnerUnregister",
+    "Runners",
+    "ServerMessage",
+    "Shutdown",
+    "StateChange",
+    "SubmitBuild",
+    "Subscribe",
+    "Subscribed",
+    "Unsubscribe",
+    "Unsubscribed",
+]
+
+#: Largest integer a payload may carry (2**53, exact in every JSON parser).
+MAX_INT = 2**53
+
+
+class Role(StrEnum):
+    """Who sends a client frame."""
+
+    RUNNER = "RUNNER"
+    API = "API"
+    WEB = "WEB"
+
+
+class BuildState(StrEnum):
+    """States of a build (see the build table in :mod:`citron_protocol.states`)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+    @property
+    def finished(self) -> bool:
+        """True for the states a build ends in."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({BuildState.SUCCESS, BuildState.FAILURE, BuildState.CANCELLED, BuildState.LOST})
+
+
+class RunnerState(StrEnum):
+    """States of a registered runner."""
+
+    WAITING = "WAITING"
+    RUNNING = "RUNNING"
+
+
+class FieldError(ValueError):
+    """A field of a message has a value its type allows but the protocol not."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+# -- validators ---------------------------------------------------------------
+
+
+def _check_type(name: str, value: object, kind: type | tuple[type, ...], what: str) -> None:
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise FieldError(name, f"expected {what}")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _text(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    _check_type(a.name, value, str, "a string")
+
+
+def _nonempty_text(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    _check_type(a.name, value, str, "a string")
+    assert isinstance(value, str)
+    if not value:
+        raise FieldError(a.name, "must not be empty")
+    if "\0" in value:
+        raise FieldError(a.name, "must not contain a NUL character")
+
+
+def _opt_nonempty_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _nonempty_text(inst, a, value)
+
+
+def _opt_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _text(inst, a, value)
+
+
+def _boolean(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    _check_type(a.name, value, bool, "a boolean")
+
+
+def _opt_boolean(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _boolean(inst, a, value)
+
+
+def _count(minimum: int) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: object) -> None:
+        _check_type(a.name, value, int, "an integer")
+        assert isinstance(value, int)
+        if not minimum <= value <= MAX_INT:
+            raise FieldError(a.name, f"must be between {minimum} and {MAX_INT}")
+
+    return check
+
+
+def _opt_count(minimum: int) -> Any:
+    check = _count(minimum)
+
+    def opt(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check(inst, a, value)
+
+    return opt
+
+
+def _opt_duration(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _check_type(a.name, value, (int, float), "a number")
+    assert isinstance(value, (int, float))
+    if not (math.isfinite(value) and 0 < value <= MAX_INT):
+        raise FieldError(a.name, "must be a positive number of seconds")
+
+
+def _script(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    _check_type(a.name, value, tuple, "a list of strings")
+    assert isinstance(value, tuple)
+    for i, line in enumerate(value):
+        if not isinstance(line, str):
+            raise FieldError(f"{a.name}[{i}]", "expected a string")
+        if "\0" in line:
+            raise FieldError(f"{a.name}[{i}]", "must not contain a NUL character")
+
+
+def _opt_env(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _check_type(a.name, value, dict, "an object of strings")
+    assert isinstance(value, dict)
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise FieldError(f"{a.name}", f"invalid variable name {k!r}")
+        if not isinstance(v, str):
+            raise FieldError(f"{a.name}.{k}", "expected a string")
+        if "\0" in v:
+            raise FieldError(f"{a.name}.{k}", "must not contain a NUL character")
+
+
+def _role(allowed: frozenset[Role]) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: object) -> None:
+        if value not in allowed:
+            raise FieldError(a.name, f"must be one of {', '.join(sorted(allowed))}")
+
+    return check
+
+
+def _enum(kind: type[StrEnum]) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, kind):
+            raise FieldError(a.name, f"must be one of {', '.join(m.value for m in kind)}")
+
+    return check
+
+
+def _opt_enum(kind: type[StrEnum]) -> Any:
+    check = _enum(kind)
+
+    def opt(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check(inst, a, value)
+
+    return opt
+
+
+def _instance(kind: type) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, kind):
+            raise FieldError(a.name, f"expected {kind.__name__}")
+
+    return check
+
+
+def _opt_instance(kind: type) -> Any:
+    check = _instance(kind)
+
+    def opt(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            check(inst, a, value)
+
+    return opt
+
+
+def _tuple_of(kind: type) -> Any:
+    def check(_: object, a: attrs.Attribute[Any], value: object) -> None:
+        _check_type(a.name, value, tuple, "a list")
+        assert isinstance(value, tuple)
+        for i, item in enumerate(value):
+            if not isinstance(item, kind):
+                raise FieldError(f"{a.name}[{i}]", f"expected {kind.__name__}")
+
+    return check
+
+
+def _to_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _to_dict(value: object) -> object:
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+_API = frozenset({Role.API})
+_API_WEB = frozenset({Role.API, Role.WEB})
+_RUNNER = frozenset({Role.RUNNER})
+_REQ = attrs.field(default=None, validator=_opt_text)
+
+# -- shared objects -------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Resume:
+    """What a runner shows to take back a build after a reconnect."""
+
+    build: str = attrs.field(validator=_nonempty_text)
+    session: str = attrs.field(validator=_nonempty_text)
+
+
+@attrs.frozen(kw_only=True)
+class ResumePoint:
+    """The server's answer to an accepted resume: the last runner seq stored."""
+
+    build: str = attrs.field(validator=_nonempty_text)
+    seq: int = attrs.field(validator=_count(0))
+
+
+@attrs.frozen(kw_only=True)
+class RunnerInfo:
+    """A runner as ``get_runners`` and ``runner:`` show it."""
+
+    id: str = attrs.field(validator=_nonempty_text)
+    type: str = attrs.field(validator=_nonempty_text)
+    name: str | None = attrs.field(default=None, validator=_opt_text)
+    state: RunnerState = attrs.field(validator=_enum(RunnerState))
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+
+
+@attrs.frozen(kw_only=True)
+class BuildInfo:
+    """A build as ``build:``, ``builds:`` and ``state:`` show it.
+
+    Times are RFC 3339 UTC strings; absent values are null on the wire.
+    """
+
+    id: str = attrs.field(validator=_nonempty_text)
+    state: BuildState = attrs.field(validator=_enum(BuildState))
+    repo: str = attrs.field(validator=_text)
+    script: tuple[str, ...] = attrs.field(converter=_to_tuple, validator=_script)
+    type: str | None = attrs.field(default=None, validator=_opt_text)
+    ref: str | None = attrs.field(default=None, validator=_opt_text)
+    runner: str | None = attrs.field(default=None, validator=_opt_text)
+    attempt: int = attrs.field(default=1, validator=_count(1))
+    created: str = attrs.field(validator=_text)
+    started: str | None = attrs.field(default=None, validator=_opt_text)
+    finished: str | None = attrs.field(default=None, validator=_opt_text)
+    success: bool | None = attrs.field(default=None, validator=_opt_boolean)
+    log_seq: int = attrs.field(default=0, validator=_count(0))
+    log_bytes: int = attrs.field(default=0, validator=_count(0))
+    truncated: bool = attrs.field(default=False, validator=_boolean)
+
+
+# -- client messages: RUNNER ------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RunnerInit:
+    """``RUNNER:init``: register, optionally taking back a build (``resume``)."""
+
+    COMMAND: ClassVar[str] = "init"
+    ROLES: ClassVar[frozenset[Role]] = _RUNNER
+
+    type: str = attrs.field(validator=_nonempty_text)
+    name: str | None = attrs.field(default=None, validator=_opt_text)
+    protocol: int = attrs.field(default=0, validator=_count(0))
+    resume: Resume | None = attrs.field(default=None, validator=_opt_instance(Resume))
+
+    @property
+    def role(self) -> Role:
+        return Role.RUNNER
+
+
+@attrs.frozen(kw_only=True)
+class RunnerLog:
+    """``RUNNER:process`` with ``finished: false``: a chunk of build output."""
+
+    COMMAND: ClassVar[str] = "process"
+    ROLES: ClassVar[frozenset[Role]] = _RUNNER
+
+    log: str = attrs.field(validator=_text)
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    seq: int | None = attrs.field(default=None, validator=_opt_count(1))
+
+    @property
+    def role(self) -> Role:
+        return Role.RUNNER
+
+
+@attrs.frozen(kw_only=True)
+class RunnerFinished:
+    """``RUNNER:process`` with ``finished: true``: the current build ended."""
+
+    COMMAND: ClassVar[str] = "process"
+    ROLES: ClassVar[frozenset[Role]] = _RUNNER
+
+    success: bool = attrs.field(validator=_boolean)
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+
+    @property
+    def role(self) -> Role:
+        return Role.RUNNER
+
+
+@attrs.frozen(kw_only=True)
+class RunnerUnregister:
+    """``RUNNER:unregister``: the runner leaves."""
+
+    COMMAND: ClassVar[str] = "unregister"
+    ROLES: ClassVar[frozenset[Role]] = _RUNNER
+
+    @property
+    def role(self) -> Role:
+        return Role.RUNNER
+
+
+# -- client messages: API and WEB ---------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SubmitBuild:
+    """``API:run``: queue a build. Answered by ``queued:``."""
+
+    COMMAND: ClassVar[str] = "run"
+    ROLES: ClassVar[frozenset[Role]] = _API
+
+    repo: str = attrs.field(validator=_nonempty_text)
+    script: tuple[str, ...] = attrs.field(converter=_to_tuple, validator=_script)
+    type: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    env: dict[str, str] | None = attrs.field(default=None, converter=_to_dict, validator=_opt_env)
+    timeout: float | None = attrs.field(default=None, validator=_opt_duration)
+    req: str | None = _REQ
+
+    @property
+    def role(self) -> Role:
+        return Role.API
+
+
+@attrs.frozen(kw_only=True)
+class CancelBuild:
+    """``API:cancel``: cancel a build. Answered by ``build:``."""
+
+    COMMAND: ClassVar[str] = "cancel"
+    ROLES: ClassVar[frozenset[Role]] = _API
+
+    build: str = attrs.field(validator=_nonempty_text)
+    req: str | None = _REQ
+
+    @property
+    def role(self) -> Role:
+        return Role.API
+
+
+@attrs.frozen(kw_only=True)
+class GetRunners:
+    """``get_runners``: list the registered runners. Answered by ``runners:``."""
+
+    COMMAND: ClassVar[str] = "get_runners"
+    ROLES: ClassVar[frozenset[Role]] = _API_WEB
+
+    role: Role = attrs.field(validator=_role(_API_WEB))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class GetBuilds:
+    """``get_builds``: list builds, newest first. Answered by ``builds:``."""
+
+    COMMAND: ClassVar[str] = "get_builds"
+    ROLES: ClassVar[frozenset[Role]] = _API_WEB
+    MAX_LIMIT: ClassVar[int] = 1000
+
+    role: Role = attrs.field(validator=_role(_API_WEB))
+    state: BuildState | None = attrs.field(default=None, validator=_opt_enum(BuildState))
+    limit: int = attrs.field(default=50)
+    before: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    req: str | None = _REQ
+
+    @limit.validator
+    def _check_limit(self, a: attrs.Attribute[Any], value: object) -> None:
+        _check_type(a.name, value, int, "an integer")
+        assert isinstance(value, int)
+        if not 1 <= value <= self.MAX_LIMIT:
+            raise FieldError(a.name, f"must be between 1 and {self.MAX_LIMIT}")
+
+
+@attrs.frozen(kw_only=True)
+class GetBuild:
+    """``get_build``: one build. Answered by ``build:``."""
+
+    COMMAND: ClassVar[str] = "get_build"
+    ROLES: ClassVar[frozenset[Role]] = _API_WEB
+
+    role: Role = attrs.field(validator=_role(_API_WEB))
+    build: str = attrs.field(validator=_nonempty_text)
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Subscribe:
+    """``subscribe``: follow one build's log from ``from_`` (wire key ``from``),
+    or, with no build, the live feed of every build and runner change."""
+
+    COMMAND: ClassVar[str] = "subscribe"
+    ROLES: ClassVar[frozenset[Role]] = _API_WEB
+
+    role: Role = attrs.field(validator=_role(_API_WEB))
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    from_: int = attrs.field(default=0, validator=_count(0))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Unsubscribe:
+    """``unsubscribe``: stop following one build, or the live feed."""
+
+    COMMAND: ClassVar[str] = "unsubscribe"
+    ROLES: ClassVar[frozenset[Role]] = _API_WEB
+
+    role: Role = attrs.field(validator=_role(_API_WEB))
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    req: str | None = _REQ
+
+
+# -- server messages -------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Ready:
+    """``ready``: a runner is registered (with ``resume`` when it took a build back)."""
+
+    COMMAND: ClassVar[str] = "ready"
+
+    runner: str = attrs.field(validator=_nonempty_text)
+    protocol: int = attrs.field(validator=_count(0))
+    session: str = attrs.field(validator=_nonempty_text)
+    resume: ResumePoint | None = attrs.field(default=None, validator=_opt_instance(ResumePoint))
+
+
+@attrs.frozen(kw_only=True)
+class Run:
+    """``run``: the server gives a runner a build to run."""
+
+    COMMAND: ClassVar[str] = "run"
+
+    build: str = attrs.field(validator=_nonempty_text)
+    repo: str = attrs.field(validator=_nonempty_text)
+    script: tuple[str, ...] = attrs.field(converter=_to_tuple, validator=_script)
+    ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    env: dict[str, str] | None = attrs.field(default=None, converter=_to_dict, validator=_opt_env)
+    timeout: float | None = attrs.field(default=None, validator=_opt_duration)
+
+
+@attrs.frozen(kw_only=True)
+class Cancel:
+    """``cancel``: the runner must stop the build and finish it unsuccessfully."""
+
+    COMMAND: ClassVar[str] = "cancel"
+
+    build: str = attrs.field(validator=_nonempty_text)
+
+
+@attrs.frozen(kw_only=True)
+class Shutdown:
+    """``shutdown``: the runner leaves and does not come back."""
+
+    COMMAND: ClassVar[str] = "shutdown"
+
+
+@attrs.frozen(kw_only=True)
+class Queued:
+    """``queued``: reply to ``API:run``."""
+
+    COMMAND: ClassVar[str] = "queued"
+
+    build: str = attrs.field(validator=_nonempty_text)
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class BuildReply:
+    """``build``: reply to ``get_build`` and ``cancel``; the payload is the build
+    object with ``req`` added."""
+
+    COMMAND: ClassVar[str] = "build"
+
+    build: BuildInfo = attrs.field(validator=_instance(BuildInfo))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Runners:
+    """``runners``: reply to ``get_runners``."""
+
+    COMMAND: ClassVar[str] = "runners"
+
+    runners: tuple[RunnerInfo, ...] = attrs.field(
+        converter=_to_tuple, validator=_tuple_of(RunnerInfo)
+    )
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Builds:
+    """``builds``: reply to ``get_builds``, newest first."""
+
+    COMMAND: ClassVar[str] = "builds"
+
+    builds: tuple[BuildInfo, ...] = attrs.field(converter=_to_tuple, validator=_tuple_of(BuildInfo))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Subscribed:
+    """``subscribed``: reply to ``subscribe`` (``build`` null for the live feed)."""
+
+    COMMAND: ClassVar[str] = "subscribed"
+
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    from_: int = attrs.field(default=0, validator=_count(0))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class Unsubscribed:
+    """``unsubscribed``: reply to ``unsubscribe``; ``from_`` is the last seq sent."""
+
+    COMMAND: ClassVar[str] = "unsubscribed"
+
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    from_: int = attrs.field(default=0, validator=_count(0))
+    req: str | None = _REQ
+
+
+@attrs.frozen(kw_only=True)
+class LogChunk:
+    """``log``: one stored chunk of a build's log, numbered by ``seq`` from 1."""
+
+    COMMAND: ClassVar[str] = "log"
+
+    build: str = attrs.field(validator=_nonempty_text)
+    seq: int = attrs.field(validator=_count(1))
+    log: str = attrs.field(validator=_text)
+
+
+@attrs.frozen(kw_only=True)
+class StateChange:
+    """``state``: a build changed; the payload is the build object."""
+
+    COMMAND: ClassVar[str] = "state"
+
+    build: BuildInfo = attrs.field(validator=_instance(BuildInfo))
+
+
+@attrs.frozen(kw_only=True)
+class RunnerChange:
+    """``runner``: a runner registered, changed state or left (``gone``)."""
+
+    COMMAND: ClassVar[str] = "runner"
+
+    runner: RunnerInfo = attrs.field(validator=_instance(RunnerInfo))
+    gone: bool = attrs.field(default=False, validator=_boolean)
+
+
+@attrs.frozen(kw_only=True)
+class Error:
+    """``error``: the answer to a bad frame. ``code`` is an :class:`ErrorCode`
+    value (kept as a string so that newer codes still decode)."""
+
+    COMMAND: ClassVar[str] = "error"
+
+    code: str = attrs.field(validator=_nonempty_text)
+    message: str = attrs.field(validator=_text)
+    req: str | None = _REQ
+
+
+ClientMessage = (
+    RunnerInit
+    | RunnerLog
+    | RunnerFinished
+    | RunnerUnregister
+    | SubmitBuild
+    | CancelBuild
+    | GetRunners
+    | GetBuilds
+    | GetBuild
+    | Subscribe
+    | Unsubscribe
+)
+
+ServerMessage = (
+    Ready
+    | Run
+    | Cancel
+    | Shutdown
+    | Queued
+    | BuildReply
+    | Runners
+    | Builds
+    | Subscribed
+    | Unsubscribed
+    | LogChunk
+    | StateChange
+    | RunnerChange
+    | Error
+)
+
+Message = ClientMessage | ServerMessage

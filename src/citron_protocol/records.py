@@ -1,0 +1,135 @@
+"""What the hub asks its host to persist, and to read back.
+
+The hub emits :class:`BuildRecord` (a whole build, each time it changes, except
+for its log counters) and :class:`LogRecord` (one log chunk) in
+:attr:`Effects.records <citron_protocol.hub.Effects.records>`, in order. A store
+applies them in that order; on start the host hands the builds back to
+:meth:`Hub.restore <citron_protocol.hub.Hub.restore>`, with the log counters
+(``log_seq``, ``log_bytes``, ``run_seq``) taken from the stored chunks.
+
+To replay a log, the hub emits :class:`LoadLog`; the host reads the chunks from
+its store (which must see every record handed to it before, committed or not)
+and answers with :meth:`Hub.log_loaded <citron_protocol.hub.Hub.log_loaded>`.
+
+:class:`MemoryStore` is a complete store that keeps everything in memory: a
+reference for store authors and the store of in-memory hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+
+import attrs
+
+from .messages import BuildState
+
+__all__ = ["BuildRecord", "LoadLog", "LogRecord", "MemoryStore", "Record"]
+
+
+@attrs.frozen(kw_only=True)
+class BuildRecord:
+    """A build as persisted: the wire object's facts and what a restart needs.
+
+    Times are seconds since the Unix epoch. ``number`` orders builds by
+    creation. ``session_hash`` is the SHA-256 (hex) of the session secret of
+    the registration running the build, which a resume must present.
+    ``run_seq`` is the last runner seq stored in the current attempt.
+    """
+
+    id: str
+    number: int
+    state: BuildState
+    repo: str
+    script: tuple[str, ...]
+    type: str | None = None
+    ref: str | None = None
+    env: dict[str, str] | None = None
+    timeout: float | None = None
+    runner: str | None = None
+    attempt: int = 1
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    success: bool | None = None
+    log_seq: int = 0
+    log_bytes: int = 0
+    run_seq: int = 0
+    truncated: bool = False
+    session_hash: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class LogRecord:
+    """One stored log chunk: ``seq`` numbers a build's chunks from 1.
+
+    ``run_seq`` is the runner's number for it within ``attempt`` (None for a
+    notice the hub wrote itself). ``size`` is its length in UTF-8 bytes.
+    """
+
+    build: str
+    seq: int
+    log: str
+    attempt: int
+    run_seq: int | None
+    size: int
+
+
+Record = BuildRecord | LogRecord
+
+
+@attrs.frozen(kw_only=True)
+class LoadLog:
+    """A request to read a build's stored chunks ``after < seq <= until``,
+    ascending, at most ``limit`` of them, for the subscription on ``conn``.
+
+    Answer with ``hub.log_loaded(request, chunks)``. A host may delay the
+    answer until ``conn`` has drained its outgoing buffer: this is how a long
+    replay is paced to the reader.
+    """
+
+    request: int
+    conn: Hashable
+    build: str
+    after: int
+    until: int
+    limit: int
+
+
+@attrs.define
+class MemoryStore:
+    """Applies records in memory and answers reads, as a store must."""
+
+    builds: dict[str, BuildRecord] = attrs.Factory(dict)
+    logs: dict[str, list[LogRecord]] = attrs.Factory(dict)
+
+    def apply(self, records: Iterable[Record]) -> None:
+        """Persist records, in order."""
+        for record in records:
+            if isinstance(record, BuildRecord):
+                self.builds[record.id] = record
+            else:
+                self.logs.setdefault(record.build, []).append(record)
+
+    def load_builds(self) -> list[BuildRecord]:
+        """Every build, oldest first, with its log counters from the chunks."""
+        out = []
+        for record in sorted(self.builds.values(), key=lambda b: b.number):
+            chunks = self.logs.get(record.id, [])
+            run_seqs = [
+                c.run_seq for c in chunks if c.attempt == record.attempt and c.run_seq is not None
+            ]
+            out.append(
+                attrs.evolve(
+                    record,
+                    log_seq=chunks[-1].seq if chunks else 0,
+                    log_bytes=sum(c.size for c in chunks),
+                    run_seq=max(run_seqs, default=0),
+                )
+            )
+        return out
+
+    def read_log(self, build: str, after: int, until: int, limit: int) -> Sequence[tuple[int, str]]:
+        """The chunks ``after < seq <= until`` of ``build``, at most ``limit``."""
+        chunks = self.logs.get(build, [])
+        # seq n is at index n - 1: chunks are appended in order from 1
+        return [(c.seq, c.log) for c in chunks[after : min(until, after + limit)]]

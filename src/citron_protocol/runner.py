@@ -1,0 +1,287 @@
+"""The runner side of the protocol, sans I/O.
+
+A custom runner hosts :class:`RunnerProtocol` on any transport::
+
+    proto = RunnerProtocol(type="simple", name="builder-1")
+    proto.connect()                    # after the WebSocket opened
+    send(proto.data_to_send())         # the init frame
+    ...
+    proto.receive(text)                # each frame from the server
+    for event in proto.events_received():
+        if isinstance(event, BuildStarted): start(event.run)
+        elif isinstance(event, CancelRequested): stop()
+        ...
+    proto.log("output")                # while a build runs
+    proto.finish(success=True)
+    send(proto.data_to_send())
+
+It numbers the chunks of each run from 1 (``seq``) and keeps them, so that
+after a reconnect (``connection_lost()`` then ``connect()``) it asks to resume
+the build and resends exactly what the server had not stored. Out-of-order
+calls raise :class:`~citron_protocol.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import attrs
+
+from .codec import decode_server, encode
+from .errors import ErrorCode, ProtocolError, UsageError
+from .hub import PROTOCOL_VERSION
+from .messages import (
+    Cancel,
+    Error,
+    Ready,
+    Resume,
+    Run,
+    RunnerFinished,
+    RunnerInit,
+    RunnerLog,
+    RunnerUnregister,
+    Shutdown,
+)
+
+__all__ = [
+    "BuildDropped",
+    "BuildResumed",
+    "BuildStarted",
+    "CancelRequested",
+    "Registered",
+    "RunnerProtocolEvent",
+    "RunnerPhase",
+    "RunnerProtocol",
+    "ServerError",
+    "ShutdownRequested",
+    "UnexpectedMessage",
+]
+
+
+class UnexpectedMessage(ProtocolError):
+    """The server sent a frame that makes no sense now (e.g. ``run`` while busy)."""
+
+    code = ErrorCode.BAD_STATE
+
+
+class RunnerPhase(StrEnum):
+    """Where the runner's connection is."""
+
+    DISCONNECTED = "disconnected"
+    REGISTERING = "registering"  # init sent, waiting for ready
+    WAITING = "waiting"  # registered, no build running
+    RUNNING = "running"  # a build is running
+    CLOSED = "closed"  # unregistered or told to shut down
+
+
+@attrs.frozen
+class Registered:
+    """``ready`` arrived: the server knows this runner."""
+
+    runner: str
+    session: str
+    protocol: int
+
+
+@attrs.frozen
+class BuildStarted:
+    """Run this build."""
+
+    run: Run
+
+
+@attrs.frozen
+class BuildResumed:
+    """The server took the build back after a reconnect; what it had not
+    stored is being resent."""
+
+    build: str
+    seq: int
+
+
+@attrs.frozen
+class BuildDropped:
+    """The server refused to resume this build: stop working on it."""
+
+    build: str
+
+
+@attrs.frozen
+class CancelRequested:
+    """Stop the build, then ``finish(success=False)``."""
+
+    build: str
+
+
+@attrs.frozen
+class ShutdownRequested:
+    """Leave and do not come back."""
+
+
+@attrs.frozen
+class ServerError:
+    """The server answered a frame with ``error:``."""
+
+    error: Error
+
+
+RunnerProtocolEvent = (
+    Registered
+    | BuildStarted
+    | BuildResumed
+    | BuildDropped
+    | CancelRequested
+    | ShutdownRequested
+    | ServerError
+)
+
+
+class RunnerProtocol:
+    """A runner's state machine; see the module docstring."""
+
+    def __init__(self, type: str, name: str | None = None) -> None:
+        self._init = RunnerInit(type=type, name=name, protocol=PROTOCOL_VERSION)
+        self.phase = RunnerPhase.DISCONNECTED
+        self.runner_id: str | None = None
+        self._session: str | None = None
+        self._run: Run | None = None  # the current build, kept until the next one
+        self._chunks: list[str] = []  # the current run's chunks; seq n at index n - 1
+        self._finished: bool | None = None  # the result, once finish() was called
+        self._sent = 0  # chunks sent on this connection
+        self._finish_sent = False
+        self._out: list[str] = []
+        self._events: list[RunnerProtocolEvent] = []
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def build(self) -> Run | None:
+        """The build being run (None when waiting or after ``finish``)."""
+        return self._run if self._finished is None else None
+
+    # -- connection --------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """The connection is open: send init, asking to resume a build in flight."""
+        if self.phase is not RunnerPhase.DISCONNECTED:
+            raise UsageError(f"connect() while {self.phase}")
+        resume = None
+        if self._run is not None and self._session is not None:
+            resume = Resume(build=self._run.build, session=self._session)
+        self._out.append(encode(attrs.evolve(self._init, resume=resume)))
+        self.phase = RunnerPhase.REGISTERING
+        self._sent = 0
+        self._finish_sent = False
+
+    def connection_lost(self) -> None:
+        """The connection closed; a build in flight is kept for a resume."""
+        if self.phase is not RunnerPhase.CLOSED:
+            self.phase = RunnerPhase.DISCONNECTED
+        self._out.clear()
+
+    def unregister(self) -> None:
+        """Leave the server; a build in flight is given up."""
+        if self.phase in (RunnerPhase.DISCONNECTED, RunnerPhase.CLOSED):
+            raise UsageError(f"unregister() while {self.phase}")
+        self._out.append(encode(RunnerUnregister()))
+        self.phase = RunnerPhase.CLOSED
+
+    # -- input --------------------------------------------------------------------------
+
+    def receive(self, text: str) -> None:
+        """A frame from the server. Raises ProtocolError for a bad one."""
+        message = decode_server(text)
+        if isinstance(message, Ready):
+            self._on_ready(message)
+        elif isinstance(message, Run):
+            self._on_run(message)
+        elif isinstance(message, Cancel):
+            if self.build is not None and message.build == self._run.build:  # type: ignore[union-attr]
+                self._events.append(CancelRequested(message.build))
+        elif isinstance(message, Shutdown):
+            self.phase = RunnerPhase.CLOSED
+            self._events.append(ShutdownRequested())
+        elif isinstance(message, Error):
+            self._events.append(ServerError(message))
+        else:
+            raise UnexpectedMessage(f"a runner does not expect {message.COMMAND}:")
+
+    def _on_ready(self, ready: Ready) -> None:
+        if self.phase is not RunnerPhase.REGISTERING:
+            return  # the answer to a repeated init: nothing changes
+        self.runner_id = ready.runner
+        self._session = ready.session
+        self._events.append(Registered(ready.runner, ready.session, ready.protocol))
+        run = self._run
+        if run is None:
+            self.phase = RunnerPhase.WAITING
+            return
+        if ready.resume is None or ready.resume.build != run.build:
+            if self._finished is None:
+                self._events.append(BuildDropped(run.build))
+            self._clear_run()
+            self.phase = RunnerPhase.WAITING
+            return
+        self._sent = min(ready.resume.seq, len(self._chunks))
+        self.phase = RunnerPhase.RUNNING if self._finished is None else RunnerPhase.WAITING
+        self._events.append(BuildResumed(run.build, self._sent))
+        self._flush()
+
+    def _on_run(self, run: Run) -> None:
+        if self.phase is RunnerPhase.RUNNING or self.build is not None:
+            raise UnexpectedMessage(f"run: {run.build} while build {self._run.build} runs")  # type: ignore[union-attr]
+        self._clear_run()
+        self._run = run
+        self.phase = RunnerPhase.RUNNING
+        self._events.append(BuildStarted(run))
+
+    def _clear_run(self) -> None:
+        self._run = None
+        self._chunks = []
+        self._finished = None
+        self._sent = 0
+        self._finish_sent = False
+
+    # -- the build ------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        """A chunk of the current build's output (held while disconnected)."""
+        if self.build is None:
+            raise UsageError("log() with no build running")
+        if not isinstance(text, str):
+            raise UsageError("log() takes text")
+        self._chunks.append(text)
+        self._flush()
+
+    def finish(self, success: bool) -> None:
+        """The current build ended."""
+        if self.build is None:
+            raise UsageError("finish() with no build running")
+        self._finished = bool(success)
+        if self.phase is RunnerPhase.RUNNING:
+            self.phase = RunnerPhase.WAITING
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.phase not in (RunnerPhase.RUNNING, RunnerPhase.WAITING) or self._run is None:
+            return
+        build = self._run.build
+        while self._sent < len(self._chunks):
+            seq = self._sent + 1
+            self._out.append(encode(RunnerLog(log=self._chunks[seq - 1], build=build, seq=seq)))
+            self._sent = seq
+        if self._finished is not None and not self._finish_sent:
+            self._out.append(encode(RunnerFinished(success=self._finished, build=build)))
+            self._finish_sent = True
+
+    # -- output ---------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[str]:
+        """Frames to send, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def events_received(self) -> list[RunnerProtocolEvent]:
+        """What happened since the last call, in order."""
+        events, self._events = self._events, []
+        return events

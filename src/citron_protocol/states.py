@@ -1,0 +1,122 @@
+"""The lifecycles of builds and runners: every transition, in one table each.
+
+The hub (:mod:`citron_protocol.hub`) changes a build's or a runner's state only
+through :func:`next_build_state` and :func:`next_runner_state`, and
+docs/protocol.md draws its state diagrams from these same tables
+(:func:`build_diagram`, :func:`runner_diagram`), so the two cannot drift.
+
+What the tables cannot say, the hub does beside them, in plain code:
+
+- a runner's connection closing while it runs a build is not a transition: the
+  build stays ``running`` for the lost-grace period, waiting for a resume;
+- ``lose`` on a ``cancelling`` build ends it ``cancelled``: there is nothing
+  left to cancel;
+- after ``lose``, a build with retries left takes ``requeue`` at once, as a new
+  attempt.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from .errors import UsageError
+from .messages import BuildState, RunnerState
+
+__all__ = [
+    "BUILD_TRANSITIONS",
+    "RUNNER_TRANSITIONS",
+    "BuildEvent",
+    "RunnerEvent",
+    "build_diagram",
+    "next_build_state",
+    "next_runner_state",
+    "runner_diagram",
+]
+
+
+class BuildEvent(StrEnum):
+    """What happens to a build."""
+
+    DISPATCH = "dispatch"  # a waiting runner of the right type takes it
+    SUCCEED = "succeed"  # its runner sends process finished, success true
+    FAIL = "fail"  # its runner sends process finished, success false
+    CANCEL = "cancel"  # API:cancel
+    CANCEL_TIMEOUT = "cancel_timeout"  # the runner did not finish it in time
+    LOSE = "lose"  # runner gone for good: grace expired, or it unregistered
+    REQUEUE = "requeue"  # a lost build with retries left goes back to the queue
+
+
+S = BuildState
+E = BuildEvent
+
+#: (state, event) -> next state. A pair that is not here is refused.
+BUILD_TRANSITIONS: Final[dict[tuple[BuildState, BuildEvent], BuildState]] = {
+    (S.QUEUED, E.DISPATCH): S.RUNNING,
+    (S.QUEUED, E.CANCEL): S.CANCELLED,
+    (S.RUNNING, E.SUCCEED): S.SUCCESS,
+    (S.RUNNING, E.FAIL): S.FAILURE,
+    (S.RUNNING, E.CANCEL): S.CANCELLING,
+    (S.RUNNING, E.LOSE): S.LOST,
+    (S.CANCELLING, E.SUCCEED): S.CANCELLED,
+    (S.CANCELLING, E.FAIL): S.CANCELLED,
+    (S.CANCELLING, E.CANCEL_TIMEOUT): S.CANCELLED,
+    (S.CANCELLING, E.LOSE): S.CANCELLED,
+    (S.LOST, E.REQUEUE): S.QUEUED,
+}
+
+
+class RunnerEvent(StrEnum):
+    """What happens to a runner."""
+
+    REGISTER = "register"  # RUNNER:init accepted
+    DISPATCH = "dispatch"  # it is given a build (or resumes one)
+    RELEASE = "release"  # its build ended
+    LEAVE = "leave"  # unregister, or its connection closed
+
+
+R = RunnerState
+RE = RunnerEvent
+
+#: (state, event) -> next state; ``None`` is "not registered".
+RUNNER_TRANSITIONS: Final[dict[tuple[RunnerState | None, RunnerEvent], RunnerState | None]] = {
+    (None, RE.REGISTER): R.WAITING,
+    (R.WAITING, RE.DISPATCH): R.RUNNING,
+    (R.RUNNING, RE.RELEASE): R.WAITING,
+    (R.WAITING, RE.LEAVE): None,
+    (R.RUNNING, RE.LEAVE): None,
+}
+
+
+def next_build_state(state: BuildState, event: BuildEvent) -> BuildState:
+    """The state a build in ``state`` takes on ``event``; UsageError if none."""
+    try:
+        return BUILD_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise UsageError(f"a {state} build cannot take {event}") from None
+
+
+def next_runner_state(state: RunnerState | None, event: RunnerEvent) -> RunnerState | None:
+    """The state a runner in ``state`` takes on ``event``; UsageError if none."""
+    try:
+        return RUNNER_TRANSITIONS[(state, event)]
+    except KeyError:
+        raise UsageError(f"a {state or 'unregistered'} runner cannot take {event}") from None
+
+
+def build_diagram() -> str:
+    """The build lifecycle as a Mermaid state diagram, drawn from the table."""
+    lines = ["stateDiagram-v2", "    [*] --> queued: API run"]
+    for (state, event), target in BUILD_TRANSITIONS.items():
+        lines.append(f"    {state} --> {target}: {event}")
+    lines += [f"    {s} --> [*]" for s in BuildState if s.finished and s is not S.LOST]
+    lines.append(f"    {S.LOST} --> [*]: no retry left")
+    return "\n".join(lines)
+
+
+def runner_diagram() -> str:
+    """The runner lifecycle as a Mermaid state diagram, drawn from the table."""
+    lines = ["stateDiagram-v2"]
+    for (state, event), target in RUNNER_TRANSITIONS.items():
+        lines.append(f"    {state or '[*]'} --> {target or '[*]'}: {event}")
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""citron_server: the citron coordination server, hosting the sans-IO hub of
+:mod:`citron_protocol` over websockets or aiohttp."""

@@ -1,0 +1,330 @@
+"""The codec: seed frames, the round trip, totality, the legacy vectors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from citron_protocol import (
+    CLIENT_COMMANDS,
+    SERVER_COMMANDS,
+    ErrorCode,
+    Forbidden,
+    InvalidPayload,
+    LogChunk,
+    MalformedFrame,
+    ProtocolError,
+    Role,
+    Run,
+    RunnerFinished,
+    RunnerInit,
+    RunnerLog,
+    SubmitBuild,
+    UnknownCommand,
+    UnknownRole,
+    decode,
+    decode_client,
+    decode_server,
+    encode,
+    encode_log_chunk,
+    peek_req,
+    repair_legacy_payload,
+)
+from citron_protocol import strategies as cst
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "legacy-php-runner.jsonl"
+SHARED_VECTORS = Path(__file__).parents[3] / "shared" / "vectors" / "legacy-php-runner.jsonl"
+
+
+def load_vectors() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in VECTORS.read_text().splitlines() if line.strip()]
+
+
+# -- the seed's exact frames ------------------------------------------------------
+
+
+def test_seed_init_frame() -> None:
+    assert decode('RUNNER:init:{"type": "simple"}') == RunnerInit(type="simple")
+
+
+def test_seed_process_frames() -> None:
+    assert decode('RUNNER:process:{"finished": false, "log": "..."}') == RunnerLog(log="...")
+    assert decode('RUNNER:process:{"finished": true, "success": true}') == RunnerFinished(
+        success=True
+    )
+
+
+def test_seed_run_frame() -> None:
+    # The seed's run frame, with the build id the contract adds.
+    message = decode('run:{"build": "b1", "repo": "...", "script": ["...", "..."]}')
+    assert message == Run(build="b1", repo="...", script=("...", "..."))
+
+
+def test_encoding_is_strict_compact_json() -> None:
+    frame = encode(RunnerLog(log='a "b"\n\0', seq=1))
+    assert frame == 'RUNNER:process:{"finished":false,"log":"a \\"b\\"\\n\\u0000","seq":1}'
+    json.loads(frame.split(":", 2)[2])  # strict
+
+
+def test_bare_commands_encode_without_payload() -> None:
+    assert encode(decode("API:get_runners:")) == "API:get_runners:"
+    assert encode(decode("RUNNER:unregister:")) == "RUNNER:unregister:"
+    assert encode(decode("shutdown:")) == "shutdown:"
+    assert decode("API:get_runners:{}") == decode("API:get_runners:")
+
+
+def test_payload_keeps_its_colons() -> None:
+    m = decode('RUNNER:process:{"finished": false, "log": "a:b:c"}')
+    assert isinstance(m, RunnerLog) and m.log == "a:b:c"
+
+
+def test_unknown_payload_keys_are_ignored() -> None:
+    assert decode('RUNNER:init:{"type": "simple", "future": [1, 2]}') == RunnerInit(type="simple")
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "error", "code"),
+    [
+        ("", MalformedFrame, "malformed"),
+        ("RUNNER", MalformedFrame, "malformed"),
+        ("RUNNER:init", MalformedFrame, "malformed"),
+        ("RUNNER:Init:{}", MalformedFrame, "malformed"),
+        ("RUNNER:in-it:{}", MalformedFrame, "malformed"),
+        ("runner-x:{}", MalformedFrame, "malformed"),
+        ("FRONT:get_runners:", UnknownRole, "unknown_role"),
+        ("API:launch:{}", UnknownCommand, "unknown_command"),
+        ("bogus:{}", UnknownCommand, "unknown_command"),
+        ('WEB:run:{"repo": "r", "script": []}', Forbidden, "forbidden"),
+        ('WEB:cancel:{"build": "b"}', Forbidden, "forbidden"),
+        ("RUNNER:get_builds:", Forbidden, "forbidden"),
+        ("API:init:{}", Forbidden, "forbidden"),
+        ("API:run:{", InvalidPayload, "invalid_payload"),
+        ("API:run:[]", InvalidPayload, "invalid_payload"),
+        ('API:run:{"repo": "r"}', InvalidPayload, "invalid_payload"),
+        ('RUNNER:process:{"log": "x"}', InvalidPayload, "invalid_payload"),
+        ("queued:{}", InvalidPayload, "invalid_payload"),
+        ("queued:{", InvalidPayload, "invalid_payload"),
+    ],
+)
+def test_bad_frames_raise_their_code(frame: str, error: type[ProtocolError], code: str) -> None:
+    with pytest.raises(error) as info:
+        decode(frame)
+    assert info.value.code == code
+    assert code in ErrorCode.__members__.values()
+    assert info.value.message
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ('{"repo": "r", "script": ["a", 1]}', "$.script[1]: expected a string"),
+        ('{"repo": "r", "script": "make"}', "$.script: expected a list of strings"),
+        ('{"script": []}', "$.repo: required field missing"),
+        ('{"repo": "", "script": []}', "$.repo: must not be empty"),
+        ('{"repo": 5, "script": []}', "$.repo: expected a string"),
+        ('{"repo": "r", "script": [], "timeout": 0}', "$.timeout: must be a positive number"),
+        ('{"repo": "r", "script": [], "timeout": true}', "$.timeout: expected a number"),
+        ('{"repo": "r", "script": [], "env": {"A": 1}}', "$.env.A: expected a string"),
+        ('{"repo": "r", "script": [], "env": {"A=B": "1"}}', "$.env: invalid variable name"),
+        ('{"repo": "r", "script": ["a\\u0000b"]}', "$.script[0]: must not contain a NUL"),
+        ('{"repo": "r", "script": [], "req": 7}', "$.req: expected a string"),
+    ],
+)
+def test_invalid_payloads_name_the_field(payload: str, problem: str) -> None:
+    with pytest.raises(InvalidPayload) as info:
+        decode(f"API:run:{payload}")
+    assert problem in info.value.message
+
+
+def test_nested_errors_have_paths() -> None:
+    with pytest.raises(InvalidPayload, match=r"\$\.resume\.session: required field missing"):
+        decode('RUNNER:init:{"type": "s", "resume": {"build": "b"}}')
+    with pytest.raises(InvalidPayload, match=r"\$\.runners\[1\]\.state: required field missing"):
+        decode('runners:{"runners": [{"id": "r", "type": "t", "state": "WAITING"}, {"id": "x", "type": "t"}]}')
+    with pytest.raises(InvalidPayload, match=r"\$\.limit: must be between 1 and 1000"):
+        decode('WEB:get_builds:{"limit": 1001}')
+    with pytest.raises(InvalidPayload, match=r"\$\.state: must be one of queued"):
+        decode('WEB:get_builds:{"state": "done"}')
+
+
+def test_errors_echo_req_when_they_can() -> None:
+    with pytest.raises(InvalidPayload) as info:
+        decode('API:run:{"req": "r-7", "repo": 3}')
+    assert info.value.req == "r-7"
+    with pytest.raises(UnknownCommand) as info2:
+        decode('API:nope:{"req": "r-8"}')
+    assert info2.value.req == "r-8"
+    assert peek_req('{"req": 5}') is None
+    assert peek_req("{broken req") is None
+
+
+def test_no_coercion_of_types() -> None:
+    with pytest.raises(InvalidPayload, match=r"\$\.seq: expected an integer"):
+        decode('RUNNER:process:{"finished": false, "log": "x", "seq": "1"}')
+    with pytest.raises(InvalidPayload, match=r"\$\.success: expected a boolean"):
+        decode('RUNNER:process:{"finished": true, "success": 1}')
+    with pytest.raises(InvalidPayload, match=r"\$\.seq: expected an integer"):
+        decode('RUNNER:process:{"finished": false, "log": "x", "seq": 1.5}')
+    with pytest.raises(InvalidPayload, match=r"\$\.seq: must be between"):
+        decode('RUNNER:process:{"finished": false, "log": "x", "seq": 0}')
+
+
+def test_constructing_an_invalid_message_fails() -> None:
+    with pytest.raises(ValueError, match="script\\[0\\]: expected a string"):
+        SubmitBuild(repo="r", script=(1,))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a citron message"):
+        encode("text")  # type: ignore[arg-type]
+
+
+# -- properties ------------------------------------------------------------------------
+
+
+@given(cst.messages())
+def test_round_trip(message: Any) -> None:
+    assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize("cls", sorted(cst.BY_CLASS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@settings(max_examples=40)
+@given(data=st.data())
+def test_round_trip_each_class(cls: type[Any], data: st.DataObject) -> None:
+    message = data.draw(cst.BY_CLASS[cls])
+    frame = encode(message)
+    assert decode(frame) == message
+    assert encode(decode(frame)) == frame
+
+
+def test_strategies_cover_every_command() -> None:
+    classes = {c for by_role in CLIENT_COMMANDS.values() for cs in by_role.values() for c in cs}
+    assert classes | set(SERVER_COMMANDS.values()) == set(cst.BY_CLASS)
+
+
+def _total(text: str) -> None:
+    try:
+        message = decode(text)
+    except ProtocolError as exc:
+        assert exc.code in ErrorCode.__members__.values()
+        assert isinstance(exc.message, str) and exc.message
+    else:
+        assert decode(encode(message)) == message
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text())
+def test_decoder_is_total_over_any_text(text: str) -> None:
+    _total(text)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(cst.invalid_frames())
+def test_decoder_is_total_over_invalid_frames(text: str) -> None:
+    _total(text)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(["RUNNER:process:", "API:run:", "WEB:subscribe:", "log:"]), st.text())
+def test_decoder_is_total_over_any_payload(prefix: str, payload: str) -> None:
+    _total(prefix + payload)
+
+
+@given(cst.legacy_log_frames())
+def test_legacy_escaped_frames_decode_to_their_text(case: tuple[str, str]) -> None:
+    frame, log = case
+    assert decode(frame) == RunnerLog(log=log)
+
+
+@given(st.text(max_size=20), st.integers(min_value=1, max_value=2**53), cst.texts())
+def test_log_chunk_fast_path_equals_encode(build: str, seq: int, log: str) -> None:
+    if not build or "\0" in build:
+        return
+    assert encode_log_chunk(build, seq, log) == encode(LogChunk(build=build, seq=seq, log=log))
+
+
+def test_repair_reads_pairs_left_to_right() -> None:
+    assert repair_legacy_payload(r"it\'s") == "it's"
+    assert repair_legacy_payload(r"a\0b") == r"a\u0000b"
+    assert repair_legacy_payload(r"\\0") == r"\\0"  # escaped backslash, then 0
+    assert repair_legacy_payload(r"\\\'") == r"\\'"
+    assert repair_legacy_payload(r"\"") == r"\""
+
+
+def test_tolerance_is_for_runners_only() -> None:
+    with pytest.raises(InvalidPayload):
+        decode_client('API:run:{"repo": "it\\\'s", "script": []}')
+    with pytest.raises(InvalidPayload):
+        decode_server('log:{"build": "b", "seq": 1, "log": "a\nb"}')
+
+
+def test_lone_surrogates_are_refused() -> None:
+    with pytest.raises(InvalidPayload):
+        decode('RUNNER:process:{"finished": false, "log": "\\ud800\n"}')
+    with pytest.raises(InvalidPayload):
+        decode('RUNNER:process:{"finished": false, "log": "\ud800"}')
+
+
+def test_non_json_constants_are_refused() -> None:
+    with pytest.raises(InvalidPayload):
+        decode('RUNNER:process:{"finished": false, "log": "x\n", "seq": NaN}')
+
+
+# -- the legacy PHP runner's frames ---------------------------------------------------
+
+
+def test_vector_copy_matches_shared() -> None:
+    if not SHARED_VECTORS.exists():
+        pytest.skip("no shared/ checkout beside the project")
+    assert VECTORS.read_bytes() == SHARED_VECTORS.read_bytes()
+
+
+def test_vector_file_is_complete() -> None:
+    vectors = load_vectors()
+    assert len(vectors) == 23
+    names = {v["name"] for v in vectors}
+    assert {"init", "final_success", "final_failure", "nul_byte", "invalid_utf8"} <= names
+
+
+@pytest.mark.parametrize("vector", load_vectors(), ids=lambda v: v["name"])
+def test_legacy_vector(vector: dict[str, Any]) -> None:
+    raw = base64.b64decode(vector["frame_b64"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Not a valid WebSocket text frame: a receiver closes with 1007 before
+        # the codec sees it. Decoding the lossy text must still be total.
+        assert vector["name"] in {"invalid_utf8", "utf8_split_multibyte"}
+        _total(raw.decode("utf-8", "replace"))
+        return
+    message = decode(text)
+    if vector["name"] == "init":
+        assert message == RunnerInit(type="simple")
+    elif vector["name"].startswith("final_"):
+        assert message == RunnerFinished(success=vector["name"] == "final_success")
+    else:
+        buffer = base64.b64decode(vector["buffer_b64"]).decode("utf-8")
+        assert message == RunnerLog(log=buffer)
+
+
+def test_every_valid_utf8_vector_decodes() -> None:
+    decoded = 0
+    for vector in load_vectors():
+        raw = base64.b64decode(vector["frame_b64"])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        decode(text)
+        decoded += 1
+    assert decoded == 21
+
+
+def test_role_enum_matches_grammar() -> None:
+    assert {r.value for r in Role} == {"RUNNER", "API", "WEB"}
