@@ -526,12 +526,14 @@ class Hub:
         """Send ``state:`` to the build's followers and to the live feed."""
         frame = encode(StateChange(build=build.info()))
         targets: set[ConnId] = set()
+        held: set[ConnId] = set()  # replaying: the frame waits in the backlog's queue
         for sub in build.subs.values():
             if sub.pending is not None:
                 sub.pending.append((0, frame))
+                held.add(sub.conn.id)
             else:
                 targets.add(sub.conn.id)
-        targets.update(c.id for c in self._conns.values() if c.feed)
+        targets.update(c.id for c in self._conns.values() if c.feed and c.id not in held)
         for conn in targets:
             self._send_raw(conn, "state", frame)
 

@@ -1,0 +1,721 @@
+"""The hub's behaviour, in memory: every bullet of the contract's section 4."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from citron_protocol import (
+    BuildState,
+    CloseCode,
+    HubConfig,
+    Role,
+    RunnerState,
+    decode_server,
+)
+from citron_protocol import strategies as cst
+
+from ..helpers import Harness, commands
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def build_state(h: Harness, build: str) -> BuildState:
+    info = h.hub.build(build)
+    assert info is not None
+    return info.state
+
+
+# -- runners -----------------------------------------------------------------------
+
+
+def test_init_replies_ready(h: Harness) -> None:
+    conn = h.connect()
+    (ready,) = h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    assert ready.COMMAND == "ready"
+    assert ready.protocol == 1 and ready.runner and ready.session and ready.resume is None
+
+
+def test_repeated_identical_init_is_a_no_op(h: Harness) -> None:
+    conn = h.connect()
+    (first,) = h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    (again,) = h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    assert again == first
+    api = h.connect()
+    (runners,) = h.send(api, "API:get_runners:")
+    assert len(runners.runners) == 1
+
+
+def test_a_different_init_is_refused(h: Harness) -> None:
+    conn = h.connect()
+    h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    (error,) = h.send(conn, 'RUNNER:init:{"type": "docker"}')
+    assert error.code == "bad_state"
+
+
+def test_runners_are_listed_waiting_then_running_then_removed(h: Harness) -> None:
+    r = h.runner(name="one")
+    api = h.connect()
+    (runners,) = h.send(api, "API:get_runners:")
+    (info,) = runners.runners
+    assert (info.type, info.name, info.state, info.build) == ("simple", "one", RunnerState.WAITING, None)
+    build = h.submit(api)
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners[0].state is RunnerState.RUNNING
+    assert runners.runners[0].build == build
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners[0].state is RunnerState.WAITING
+    h.disconnect(r)
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners == ()
+
+
+def test_unregister_removes_the_runner(h: Harness) -> None:
+    r = h.runner()
+    assert h.send(r, "RUNNER:unregister:") == []
+    api = h.connect()
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners == ()
+
+
+# -- queue and dispatch ---------------------------------------------------------------
+
+
+def test_the_seed_flow(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    (queued,) = h.send(api, 'API:run:{"repo": "https://x/r.git", "script": ["make", "make test"], "req": "a"}')
+    assert queued.COMMAND == "queued" and queued.req == "a"
+    (run,) = h.recv(r)
+    assert run.COMMAND == "run" and run.build == queued.build
+    assert run.repo == "https://x/r.git" and run.script == ("make", "make test")
+    assert h.send(r, 'RUNNER:process:{"finished": false, "log": "building\\n"}') == []
+    assert h.send(r, 'RUNNER:process:{"finished": true, "success": true}') == []
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{queued.build}"}}')
+    b = reply.build
+    assert (b.state, b.success, b.log_seq, b.runner, b.attempt) == (BuildState.SUCCESS, True, 1, run and b.runner, 1)
+    assert b.created.endswith("Z") and b.started and b.finished
+    assert h.log_of(queued.build) == [(1, "building\n")]
+
+
+def test_builds_wait_in_fifo_order(h: Harness) -> None:
+    api = h.connect()
+    builds = [h.submit(api, f'["step {i}"]') for i in range(3)]
+    r = h.runner()
+    received = h.recv(r)
+    for expected in builds:
+        (run,) = received
+        assert run.build == expected
+        received = h.send(r, 'RUNNER:process:{"finished": true, "success": false}')
+    assert [build_state(h, b) for b in builds] == [BuildState.FAILURE] * 3
+
+
+def test_typed_builds_go_only_to_runners_of_that_type(h: Harness) -> None:
+    api = h.connect()
+    docker_build = h.submit(api, extra=', "type": "docker"')
+    plain = h.runner("simple")
+    any_build = h.submit(api)
+    (run,) = h.recv(plain)
+    assert run.build == any_build  # the docker build was older, but not for it
+    assert build_state(h, docker_build) is BuildState.QUEUED
+    docker = h.runner("docker")
+    (run,) = h.recv(docker)
+    assert run.build == docker_build
+
+
+def test_an_untyped_build_goes_to_any_runner(h: Harness) -> None:
+    docker = h.runner("docker")
+    api = h.connect()
+    build = h.submit(api)
+    (run,) = h.recv(docker)
+    assert run.build == build
+
+
+def test_one_build_per_runner_and_dispatch_on_release(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    first, second = h.submit(api), h.submit(api)
+    assert commands(h.recv(r)) == ["run"]
+    assert build_state(h, second) is BuildState.QUEUED
+    (run,) = h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert run.build == second
+    assert build_state(h, first) is BuildState.SUCCESS
+
+
+def test_the_longest_waiting_runner_gets_the_build(h: Harness) -> None:
+    r1, r2 = h.runner(), h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    assert commands(h.recv(r1)) == ["run"] and h.recv(r2) == []
+    assert build_state(h, build) is BuildState.RUNNING
+
+
+def test_run_carries_the_build_options(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    h.submit(api, extra=', "ref": "main", "env": {"A": "1"}, "timeout": 2.5')
+    (run,) = h.recv(r)
+    assert (run.ref, run.env, run.timeout) == ("main", {"A": "1"}, 2.5)
+
+
+def test_a_legacy_runner_gets_the_same_frames(h: Harness) -> None:
+    conn = h.connect()
+    (ready,) = h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    assert ready.COMMAND == "ready"
+    api = h.connect()
+    build = h.submit(api)
+    (run,) = h.recv(conn)
+    assert run.build == build
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+def test_chunks_are_numbered_and_empty_ones_kept(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    for text in ["a", "", "c"]:
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "{text}"}}')
+    assert h.log_of(build) == [(1, "a"), (2, ""), (3, "c")]
+    info = h.hub.build(build)
+    assert info is not None and info.log_seq == 3 and info.log_bytes == 2
+
+
+def test_runner_seq_is_deduplicated_and_gaps_refused(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.recv(r)
+    h.send(r, f'RUNNER:process:{{"finished": false, "log": "one", "seq": 1, "build": "{build}"}}')
+    assert h.send(r, 'RUNNER:process:{"finished": false, "log": "one", "seq": 1}') == []
+    (error,) = h.send(r, 'RUNNER:process:{"finished": false, "log": "three", "seq": 3}')
+    assert error.code == "bad_state" and "gap" in error.message
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "two", "seq": 2}')
+    assert h.log_of(build) == [(1, "one"), (2, "two")]
+
+
+def test_log_cap_truncates_with_one_notice() -> None:
+    h = Harness(HubConfig(log_cap=10))
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "12345678"}')
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "too much"}')
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "and more"}')
+    log = h.log_of(build)
+    assert log[0] == (1, "12345678")
+    assert len(log) == 2 and "truncated" in log[1][1]
+    info = h.hub.build(build)
+    assert info is not None and info.truncated
+
+
+def test_log_and_finish_need_a_current_build(h: Harness) -> None:
+    r = h.runner()
+    (error,) = h.send(r, 'RUNNER:process:{"finished": false, "log": "x"}')
+    assert error.code == "no_build"
+    (error,) = h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert error.code == "no_build"
+    api = h.connect()
+    h.submit(api)
+    h.recv(r)
+    (error,) = h.send(r, 'RUNNER:process:{"finished": false, "log": "x", "build": "other"}')
+    assert error.code == "no_build"
+
+
+def test_runner_frames_before_init(h: Harness) -> None:
+    conn = h.connect()
+    (error,) = h.send(conn, 'RUNNER:process:{"finished": false, "log": "x"}')
+    assert error.code == "not_registered"
+    (error,) = h.send(conn, "RUNNER:unregister:")
+    assert error.code == "not_registered"
+
+
+# -- cancel ----------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_build(h: Harness) -> None:
+    api = h.connect()
+    build = h.submit(api)
+    (reply,) = h.send(api, f'API:cancel:{{"build": "{build}", "req": "c"}}')
+    assert reply.COMMAND == "build" and reply.req == "c"
+    assert reply.build.state is BuildState.CANCELLED
+    r = h.runner()
+    assert h.recv(r) == []  # nothing left to run
+
+
+def test_cancel_a_running_build(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.recv(r)
+    (reply,) = h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    assert reply.build.state is BuildState.CANCELLING
+    (cancel,) = h.recv(r)
+    assert cancel.COMMAND == "cancel" and cancel.build == build
+    (again,) = h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    assert again.build.state is BuildState.CANCELLING
+    h.send(r, 'RUNNER:process:{"finished": true, "success": false}')
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.CANCELLED and info.success is False
+
+
+def test_cancel_timeout(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.recv(r)
+    h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    h.advance(29)
+    assert build_state(h, build) is BuildState.CANCELLING
+    h.advance(1.5)
+    assert build_state(h, build) is BuildState.CANCELLED
+    assert h.closed[r][0] == CloseCode.CANCEL_TIMEOUT
+
+
+def test_cancel_a_finished_or_unknown_build(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    (error,) = h.send(api, f'API:cancel:{{"build": "{build}", "req": "x"}}')
+    assert (error.code, error.req) == ("bad_state", "x")
+    (error,) = h.send(api, 'API:cancel:{"build": "nope"}')
+    assert error.code == "unknown_build"
+
+
+# -- runner loss and resume ---------------------------------------------------------------
+
+
+def _running(h: Harness) -> tuple[int, str, str, int]:
+    conn = h.connect()
+    (ready,) = h.send(conn, 'RUNNER:init:{"type": "simple", "protocol": 1}')
+    api = h.connect()
+    build = h.submit(api)
+    h.recv(conn)
+    return conn, build, ready.session, api
+
+
+def test_runner_loss_keeps_the_build_running_for_the_grace(h: Harness) -> None:
+    r, build, _, _ = _running(h)
+    h.disconnect(r)
+    h.advance(59)
+    assert build_state(h, build) is BuildState.RUNNING
+
+
+def test_resume_within_the_grace(h: Harness) -> None:
+    r, build, session, _ = _running(h)
+    for i in (1, 2):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "line {i}", "seq": {i}}}')
+    h.disconnect(r)
+    h.advance(30)
+    again = h.connect()
+    (ready,) = h.send(
+        again,
+        f'RUNNER:init:{{"type": "simple", "protocol": 1, "resume": {{"build": "{build}", "session": "{session}"}}}}',
+    )
+    assert ready.resume is not None and (ready.resume.build, ready.resume.seq) == (build, 2)
+    assert ready.session != session
+    # The runner resends from its start: what was stored is skipped.
+    for i in (1, 2, 3):
+        h.send(again, f'RUNNER:process:{{"finished": false, "log": "line {i}", "seq": {i}}}')
+    h.send(again, 'RUNNER:process:{"finished": true, "success": true}')
+    assert h.log_of(build) == [(1, "line 1"), (2, "line 2"), (3, "line 3")]
+    assert build_state(h, build) is BuildState.SUCCESS
+    h.advance(60)
+    assert build_state(h, build) is BuildState.SUCCESS
+
+
+def test_resume_replaces_a_stale_connection(h: Harness) -> None:
+    r, build, session, _ = _running(h)
+    again = h.connect()
+    (ready,) = h.send(
+        again,
+        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+    )
+    assert ready.resume is not None
+    assert h.closed[r][0] == CloseCode.REPLACED
+    assert build_state(h, build) is BuildState.RUNNING
+    h.send(again, 'RUNNER:process:{"finished": true, "success": true}')
+    assert build_state(h, build) is BuildState.SUCCESS
+
+
+@pytest.mark.parametrize("case", ["late", "wrong secret", "unknown build", "finished"])
+def test_refused_resumes_get_ready_without_resume(h: Harness, case: str) -> None:
+    r, build, session, _ = _running(h)
+    if case == "finished":
+        h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    h.disconnect(r)
+    if case == "late":
+        h.advance(61)
+    if case == "wrong secret":
+        session = "guess"
+    if case == "unknown build":
+        build = "build-999"
+    again = h.connect()
+    ready = h.send(
+        again,
+        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+    )[0]
+    assert ready.COMMAND == "ready" and ready.resume is None
+
+
+def test_lost_builds_are_requeued_once(h: Harness) -> None:
+    r, build, _, api = _running(h)
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "attempt one"}')
+    h.disconnect(r)
+    h.advance(60)
+    info = h.hub.build(build)
+    assert info is not None and (info.state, info.attempt, info.runner) == (BuildState.QUEUED, 2, None)
+    r2 = h.runner()
+    (run,) = h.recv(r2)
+    assert run.build == build
+    h.send(r2, 'RUNNER:process:{"finished": false, "log": "attempt two"}')
+    h.disconnect(r2)
+    h.advance(60)
+    assert build_state(h, build) is BuildState.LOST
+    log = [text for _, text in h.log_of(build)]
+    assert log[0] == "attempt one" and "requeued as attempt 2" in log[1]
+    assert log[2] == "attempt two" and "no retry left" in log[3]
+    assert [seq for seq, _ in h.log_of(build)] == [1, 2, 3, 4]
+
+
+def test_retry_count_is_configurable() -> None:
+    h = Harness(HubConfig(retry_lost=0, lost_grace=5))
+    r, build, _, _ = _running(h)
+    h.disconnect(r)
+    h.advance(5)
+    assert build_state(h, build) is BuildState.LOST
+
+
+def test_unregister_while_running_loses_the_build_at_once(h: Harness) -> None:
+    r, build, _, _ = _running(h)
+    h.send(r, "RUNNER:unregister:")
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.QUEUED and info.attempt == 2
+
+
+def test_cancel_while_the_runner_is_away(h: Harness) -> None:
+    r, build, _, api = _running(h)
+    h.disconnect(r)
+    (reply,) = h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    assert reply.build.state is BuildState.CANCELLED
+
+
+def test_runner_closing_while_cancelling_ends_the_build(h: Harness) -> None:
+    r, build, _, api = _running(h)
+    h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    h.disconnect(r)
+    assert build_state(h, build) is BuildState.CANCELLED
+
+
+def test_resume_of_a_cancelling_build_repeats_the_cancel(h: Harness) -> None:
+    r, build, session, api = _running(h)
+    h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    again = h.connect()
+    replies = h.send(
+        again,
+        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+    )
+    assert commands(replies) == ["ready", "cancel"]
+
+
+# -- subscriptions --------------------------------------------------------------------
+
+
+def _logs(messages: list[object]) -> list[tuple[int, str]]:
+    return [(m.seq, m.log) for m in messages if getattr(m, "COMMAND", "") == "log"]  # type: ignore[attr-defined]
+
+
+def test_followers_before_and_after_the_start_see_the_whole_log_once(h: Harness) -> None:
+    r, build, _, _ = _running(h)
+    early = h.connect([Role.WEB])
+    replies = h.send(early, f'WEB:subscribe:{{"build": "{build}", "from": 0, "req": "s"}}')
+    assert commands(replies) == ["subscribed", "state"] and replies[0].req == "s"
+    for i in range(1, 4):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    late = h.connect([Role.WEB])
+    late_replies = h.send(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    for i in range(4, 6):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    expected = [(i, f"l{i}") for i in range(1, 6)]
+    early_all = replies + h.recv(early)
+    late_all = late_replies + h.recv(late)
+    assert _logs(early_all) == expected
+    assert _logs(late_all) == expected
+    assert early_all[-1].COMMAND == "state" and early_all[-1].build.state is BuildState.SUCCESS
+    assert late_all[-1].COMMAND == "state" and late_all[-1].build.state is BuildState.SUCCESS
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 5, 9])
+def test_replay_from_any_point(h: Harness, start: int) -> None:
+    r, build, _, api = _running(h)
+    for i in range(1, 6):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    replies = h.send(api, f'API:subscribe:{{"build": "{build}", "from": {start}}}')
+    assert replies[0].COMMAND == "subscribed" and replies[0].from_ == start
+    assert _logs(replies) == [(i, f"l{i}") for i in range(start + 1, 6)]
+
+
+def test_live_chunks_wait_while_the_backlog_loads() -> None:
+    h = Harness(answer_loads=False)
+    r, build, _, api = _running(h)
+    for i in range(1, 4):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    web = h.connect([Role.WEB])
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 1}}')
+    for i in range(4, 6):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert _logs(h.recv(web)) == []  # held back until the backlog is out
+    h.answer_held()
+    got = h.recv(web)
+    assert _logs(got) == [(i, f"l{i}") for i in range(2, 6)]
+    states = [m.build.state for m in got if m.COMMAND == "state"]
+    assert states[-1] is BuildState.SUCCESS
+
+
+def test_replay_comes_in_pages() -> None:
+    h = Harness(HubConfig(replay_page=2))
+    r, build, _, api = _running(h)
+    for i in range(1, 8):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    replies = h.send(api, f'API:subscribe:{{"build": "{build}", "from": 0}}')
+    assert _logs(replies) == [(i, f"l{i}") for i in range(1, 8)]
+
+
+def test_unsubscribe_stops_the_log(h: Harness) -> None:
+    r, build, _, api = _running(h)
+    h.send(api, f'API:subscribe:{{"build": "{build}"}}')
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "one"}')
+    assert _logs(h.recv(api)) == [(1, "one")]
+    (unsub,) = h.send(api, f'API:unsubscribe:{{"build": "{build}"}}')
+    assert unsub.COMMAND == "unsubscribed" and unsub.from_ == 1
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "two"}')
+    assert h.recv(api) == []
+    (error,) = h.send(api, 'API:unsubscribe:{"build": "nope"}')
+    assert error.code == "unknown_build"
+    (error,) = h.send(api, 'API:subscribe:{"build": "nope"}')
+    assert error.code == "unknown_build"
+
+
+def test_the_global_feed(h: Harness) -> None:
+    web = h.connect([Role.WEB])
+    (sub,) = h.send(web, "WEB:subscribe:{}")
+    assert (sub.COMMAND, sub.build) == ("subscribed", None)
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "not in the feed"}')
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    h.disconnect(r)
+    feed = h.recv(web)
+    assert commands(feed) == ["runner", "state", "state", "runner", "state", "runner", "runner"]
+    assert [m.build.state for m in feed if m.COMMAND == "state"] == [
+        BuildState.QUEUED, BuildState.RUNNING, BuildState.SUCCESS,
+    ]
+    assert feed[-1].gone and feed[-1].runner.id == feed[0].runner.id
+    assert all(m.build.id == build for m in feed if m.COMMAND == "state")
+    (unsub,) = h.send(web, "WEB:unsubscribe:{}")
+    assert unsub.build is None
+    h.runner()
+    assert h.recv(web) == []
+
+
+# -- listings ---------------------------------------------------------------------------
+
+
+def test_get_builds_newest_first_with_paging_and_state(h: Harness) -> None:
+    api = h.connect()
+    ids = [h.submit(api) for _ in range(5)]
+    h.send(api, f'API:cancel:{{"build": "{ids[1]}"}}')
+    (page,) = h.send(api, 'API:get_builds:{"limit": 2}')
+    assert [b.id for b in page.builds] == [ids[4], ids[3]]
+    (page,) = h.send(api, f'API:get_builds:{{"limit": 2, "before": "{ids[3]}"}}')
+    assert [b.id for b in page.builds] == [ids[2], ids[1]]
+    (page,) = h.send(api, 'API:get_builds:{"state": "cancelled"}')
+    assert [b.id for b in page.builds] == [ids[1]]
+    (page,) = h.send(api, "WEB:get_builds:" if False else "API:get_builds:")
+    assert len(page.builds) == 5
+    (error,) = h.send(api, 'API:get_builds:{"before": "nope"}')
+    assert error.code == "unknown_build"
+    (error,) = h.send(api, 'API:get_build:{"build": "nope", "req": "q"}')
+    assert (error.code, error.req) == ("unknown_build", "q")
+
+
+# -- permissions and bad input -------------------------------------------------------------
+
+
+def test_the_front_may_read_but_never_run_or_cancel(h: Harness) -> None:
+    web = h.connect([Role.WEB])
+    (error,) = h.send(web, 'WEB:run:{"repo": "r", "script": [], "req": "x"}')
+    assert (error.code, error.req) == ("forbidden", "x")
+    (error,) = h.send(web, 'WEB:cancel:{"build": "b"}')
+    assert error.code == "forbidden"
+    (runners,) = h.send(web, "WEB:get_runners:")
+    assert runners.COMMAND == "runners"
+    assert web not in h.closed
+
+
+def test_a_role_the_credentials_do_not_allow_is_unauthorized(h: Harness) -> None:
+    web = h.connect([Role.WEB])
+    (error,) = h.send(web, 'API:run:{"repo": "r", "script": []}')
+    assert error.code == "unauthorized"
+    assert h.closed[web] == (CloseCode.POLICY, "unauthorized")
+    assert h.send(web, "WEB:get_runners:") == []  # closed: nothing more
+
+
+def test_a_connection_keeps_its_first_role(h: Harness) -> None:
+    conn = h.connect()
+    h.send(conn, "WEB:get_runners:")
+    (error,) = h.send(conn, "API:get_runners:")
+    assert error.code == "role_mismatch"
+    (error,) = h.send(conn, 'RUNNER:init:{"type": "simple"}')
+    assert error.code == "role_mismatch"
+
+
+ERROR_FRAMES = {
+    "malformed": "not a frame",
+    "unknown_role": "ROOT:get_runners:",
+    "unknown_command": "API:launch:{}",
+    "invalid_payload": 'API:run:{"repo": 1}',
+    "forbidden": 'API:init:{"type": "simple"}',
+    "unknown_build": 'API:get_build:{"build": "nope"}',
+}
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_FRAMES))
+def test_error_codes_from_frames(h: Harness, code: str) -> None:
+    api = h.connect([Role.API])
+    (error,) = h.send(api, ERROR_FRAMES[code])
+    assert error.COMMAND == "error" and error.code == code and error.message
+
+
+def test_binary_frames_are_malformed(h: Harness) -> None:
+    conn = h.connect()
+    h.apply(h.hub.receive_binary(conn, h.now))
+    (error,) = h.recv(conn)
+    assert error.code == "malformed"
+
+
+def test_too_large_build_definition() -> None:
+    h = Harness(HubConfig(max_build_bytes=100))
+    api = h.connect()
+    (error,) = h.send(api, f'API:run:{{"repo": "r", "script": ["{"x" * 200}"], "req": "big"}}')
+    assert (error.code, error.req) == ("too_large", "big")
+
+
+def test_too_many_errors_close_the_connection(h: Harness) -> None:
+    bad = h.connect()
+    good = h.connect([Role.WEB])
+    for _ in range(100):
+        h.send(bad, "junk")
+    assert bad not in h.closed
+    h.advance(61)  # the window slides: old errors no longer count
+    for _ in range(100):
+        h.send(bad, "junk")
+    assert bad not in h.closed
+    h.send(bad, "junk")
+    assert h.closed[bad] == (CloseCode.POLICY, "too many errors")
+    (runners,) = h.send(good, "WEB:get_runners:")
+    assert runners.COMMAND == "runners"
+
+
+def test_frames_after_disconnect_are_ignored(h: Harness) -> None:
+    conn = h.connect()
+    h.disconnect(conn)
+    assert not h.hub.receive(conn, "API:get_runners:", h.now)
+    assert not h.hub.disconnect(conn, h.now)
+
+
+# -- restart ----------------------------------------------------------------------------
+
+
+def test_restart_keeps_builds_logs_and_the_queue(h: Harness) -> None:
+    r, running, session, api = _running(h)
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "before", "seq": 1}')
+    queued = h.submit(api)
+    h.restart()
+    assert build_state(h, queued) is BuildState.QUEUED
+    assert build_state(h, running) is BuildState.RUNNING
+    web = h.connect([Role.WEB])
+    replies = h.send(web, f'WEB:subscribe:{{"build": "{running}", "from": 0}}')
+    assert _logs(replies) == [(1, "before")]
+    # The runner resumes after the restart: the session survived it.
+    again = h.connect()
+    (ready,) = h.send(
+        again,
+        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{running}", "session": "{session}"}}}}',
+    )
+    assert ready.resume is not None and ready.resume.seq == 1
+    h.send(again, 'RUNNER:process:{"finished": false, "log": "after", "seq": 2}')
+    (run,) = h.send(again, 'RUNNER:process:{"finished": true, "success": true}')
+    assert run.build == queued
+    assert _logs(h.recv(web)) == [(2, "after")]
+
+
+def test_restart_then_no_resume_follows_the_lost_policy(h: Harness) -> None:
+    _, running, _, _ = _running(h)
+    h.restart()
+    assert h.hub.next_deadline() == h.now + 60
+    h.advance(60)
+    info = h.hub.build(running)
+    assert info is not None and (info.state, info.attempt) == (BuildState.QUEUED, 2)
+
+
+def test_counts_for_hosts(h: Harness) -> None:
+    h.runner()
+    api = h.connect()
+    h.submit(api)
+    h.submit(api)
+    assert h.hub.runner_counts() == {"WAITING": 0, "RUNNING": 1}
+    assert h.hub.build_counts()["queued"] == 1 and h.hub.queue_depth() == 1
+    assert h.hub.role_of(api) is Role.API
+    assert h.hub.stats.frames_in[("API", "run")] == 2
+    assert h.hub.stats.frames_out[("API", "queued")] == 2
+
+
+# -- property: nothing a peer sends breaks the hub ------------------------------------------
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=2),
+            st.one_of(cst.frames(Role.RUNNER), cst.frames(Role.API), cst.frames(Role.WEB), cst.invalid_frames()),
+        ),
+        max_size=30,
+    )
+)
+def test_any_frames_leave_the_hub_working(script: list[tuple[int, str]]) -> None:
+    h = Harness()
+    conns = [h.connect(), h.connect(), h.connect([Role.WEB])]
+    for who, frame in script:
+        h.apply(h.hub.receive(conns[who], frame, h.now))
+        h.now += 0.1
+    for frames in h.inbox.values():
+        for text in frames:
+            decode_server(text)  # every frame the hub sends is valid
+    h.advance(120)
+    # A fresh runner, backend and front still complete a build.
+    r = h.runner("fresh-check")
+    api = h.connect([Role.API])
+    build = h.submit(api, extra=', "type": "fresh-check"')
+    # Builds queued by the script run first (FIFO); each is finished in turn.
+    received = h.recv(r)
+    for _ in range(40):
+        (run,) = [m for m in received if m.COMMAND == "run"]
+        if run.build == build:
+            break
+        received = h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    h.send(r, f'RUNNER:process:{{"finished": false, "log": "ok", "build": "{build}"}}')
+    h.send(r, f'RUNNER:process:{{"finished": true, "success": true, "build": "{build}"}}')
+    assert build_state(h, build) is BuildState.SUCCESS
+    assert h.log_of(build)[-1] == (1, "ok")

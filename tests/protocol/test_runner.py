@@ -1,0 +1,176 @@
+"""The runner's state machine, paired with a hub in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from citron_protocol import (
+    BuildDropped,
+    BuildResumed,
+    BuildStarted,
+    BuildState,
+    CancelRequested,
+    ProtocolError,
+    Registered,
+    RunnerPhase,
+    RunnerProtocol,
+    ServerError,
+    ShutdownRequested,
+    UnexpectedMessage,
+    UsageError,
+)
+
+from ..helpers import Harness
+
+
+class Pair:
+    """A RunnerProtocol wired to a hub through the in-memory harness."""
+
+    def __init__(self, h: Harness, proto: RunnerProtocol) -> None:
+        self.h, self.proto = h, proto
+        self.conn = 0
+
+    def open(self) -> list[object]:
+        self.conn = self.h.connect()
+        self.proto.connect()
+        return self.pump()
+
+    def pump(self) -> list[object]:
+        """Carry frames both ways until neither side has more to say."""
+        events: list[object] = []
+        while True:
+            out = self.proto.data_to_send()
+            for frame in out:
+                self.h.apply(self.h.hub.receive(self.conn, frame, self.h.now))
+            back = self.h.raw(self.conn)
+            for frame in back:
+                self.proto.receive(frame)
+            events += self.proto.events_received()
+            if not out and not back:
+                return events
+
+    def drop(self) -> None:
+        self.h.disconnect(self.conn)
+        self.proto.connection_lost()
+
+
+def started(h: Harness) -> tuple[Pair, str, int]:
+    pair = Pair(h, RunnerProtocol(type="simple", name="r1"))
+    events = pair.open()
+    assert isinstance(events[0], Registered)
+    api = h.connect()
+    build = h.submit(api)
+    (event,) = pair.pump()
+    assert isinstance(event, BuildStarted) and event.run.build == build
+    assert pair.proto.phase is RunnerPhase.RUNNING and pair.proto.build == event.run
+    return pair, build, api
+
+
+def test_a_whole_build() -> None:
+    h = Harness()
+    pair, build, _ = started(h)
+    pair.proto.log("one\n")
+    pair.proto.log("two\n")
+    pair.proto.finish(success=True)
+    assert pair.pump() == []
+    assert pair.proto.phase is RunnerPhase.WAITING and pair.proto.build is None
+    assert h.log_of(build) == [(1, "one\n"), (2, "two\n")]
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.SUCCESS
+
+
+def test_resume_resends_exactly_what_was_not_stored() -> None:
+    h = Harness()
+    pair, build, _ = started(h)
+    pair.proto.log("stored\n")
+    pair.pump()
+    pair.proto.log("lost in flight\n")
+    pair.proto.data_to_send()  # written to a socket that died
+    pair.drop()
+    pair.proto.log("while away\n")  # held
+    pair.proto.finish(success=False)
+    assert pair.proto.data_to_send() == []
+    events = pair.open()
+    assert any(isinstance(e, BuildResumed) and e.seq == 1 for e in events)
+    assert h.log_of(build) == [(1, "stored\n"), (2, "lost in flight\n"), (3, "while away\n")]
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.FAILURE
+
+
+def test_a_finish_lost_in_flight_is_resent() -> None:
+    h = Harness()
+    pair, build, _ = started(h)
+    pair.proto.finish(success=True)
+    pair.proto.data_to_send()  # never arrives
+    pair.drop()
+    pair.open()
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.SUCCESS
+
+
+def test_a_refused_resume_drops_the_build() -> None:
+    h = Harness()
+    pair, build, _ = started(h)
+    pair.drop()
+    h.advance(61)
+    events = pair.open()
+    assert BuildDropped(build) in events
+    # The requeued build comes straight back to this (only) runner, as attempt 2.
+    assert any(isinstance(e, BuildStarted) and e.run.build == build for e in events)
+
+
+def test_cancel_and_shutdown_are_surfaced() -> None:
+    h = Harness()
+    pair, build, api = started(h)
+    h.send(api, f'API:cancel:{{"build": "{build}"}}')
+    assert pair.pump() == [CancelRequested(build)]
+    pair.proto.finish(success=False)
+    pair.pump()
+    info = h.hub.build(build)
+    assert info is not None and info.state is BuildState.CANCELLED
+    pair.proto.receive("shutdown:")
+    assert pair.proto.events_received() == [ShutdownRequested()]
+    assert pair.proto.phase is RunnerPhase.CLOSED
+
+
+def test_server_errors_are_events() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('error:{"code": "bad_state", "message": "no"}')
+    (event,) = proto.events_received()
+    assert isinstance(event, ServerError) and event.error.code == "bad_state"
+
+
+def test_calls_out_of_order_are_refused() -> None:
+    proto = RunnerProtocol(type="simple")
+    with pytest.raises(UsageError):
+        proto.log("x")
+    with pytest.raises(UsageError):
+        proto.finish(True)
+    with pytest.raises(UsageError):
+        proto.unregister()
+    proto.connect()
+    with pytest.raises(UsageError):
+        proto.connect()
+    proto.unregister()
+    assert proto.phase is RunnerPhase.CLOSED
+    assert proto.data_to_send()[-1] == "RUNNER:unregister:"
+
+
+def test_bad_server_frames_raise_protocol_errors() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    with pytest.raises(ProtocolError):
+        proto.receive("garbage")
+    with pytest.raises(UnexpectedMessage):
+        proto.receive('queued:{"build": "b"}')
+    proto.receive('ready:{"runner": "r", "protocol": 1, "session": "s"}')
+    proto.receive('run:{"build": "b1", "repo": "r", "script": []}')
+    with pytest.raises(UnexpectedMessage):
+        proto.receive('run:{"build": "b2", "repo": "r", "script": []}')
+
+
+def test_init_frame_names_the_protocol() -> None:
+    proto = RunnerProtocol(type="simple", name="n")
+    proto.connect()
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","name":"n","protocol":1}']
