@@ -109,7 +109,9 @@ class Harness:
         return conn
 
     def submit(self, conn: int, script: str = '["make"]', extra: str = "") -> str:
-        replies = self.send(conn, f'API:run:{{"repo": "https://x/r.git", "script": {script}{extra}}}')
+        replies = self.send(
+            conn, f'API:run:{{"repo": "https://x/r.git", "script": {script}{extra}}}'
+        )
         queued = [m for m in replies if m.COMMAND == "queued"]
         assert queued, replies
         return str(queued[0].build)

@@ -149,7 +149,10 @@ def test_nested_errors_have_paths() -> None:
     with pytest.raises(InvalidPayload, match=r"\$\.resume\.session: required field missing"):
         decode('RUNNER:init:{"type": "s", "resume": {"build": "b"}}')
     with pytest.raises(InvalidPayload, match=r"\$\.runners\[1\]\.state: required field missing"):
-        decode('runners:{"runners": [{"id": "r", "type": "t", "state": "WAITING"}, {"id": "x", "type": "t"}]}')
+        decode(
+            'runners:{"runners": [{"id": "r", "type": "t", "state": "WAITING"},'
+            ' {"id": "x", "type": "t"}]}'
+        )
     with pytest.raises(InvalidPayload, match=r"\$\.limit: must be between 1 and 1000"):
         decode('WEB:get_builds:{"limit": 1001}')
     with pytest.raises(InvalidPayload, match=r"\$\.state: must be one of queued"):
@@ -193,7 +196,9 @@ def test_round_trip(message: Any) -> None:
     assert decode(encode(message)) == message
 
 
-@pytest.mark.parametrize("cls", sorted(cst.BY_CLASS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", sorted(cst.BY_CLASS, key=lambda c: c.__name__), ids=lambda c: c.__name__
+)
 @settings(max_examples=40)
 @given(data=st.data())
 def test_round_trip_each_class(cls: type[Any], data: st.DataObject) -> None:

@@ -24,6 +24,11 @@ def h() -> Harness:
     return Harness()
 
 
+def resume_frame(build: str, session: str) -> str:
+    resume = f'{{"build": "{build}", "session": "{session}"}}'
+    return f'RUNNER:init:{{"type": "simple", "resume": {resume}}}'
+
+
 def build_state(h: Harness, build: str) -> BuildState:
     info = h.hub.build(build)
     assert info is not None
@@ -62,7 +67,12 @@ def test_runners_are_listed_waiting_then_running_then_removed(h: Harness) -> Non
     api = h.connect()
     (runners,) = h.send(api, "API:get_runners:")
     (info,) = runners.runners
-    assert (info.type, info.name, info.state, info.build) == ("simple", "one", RunnerState.WAITING, None)
+    assert (info.type, info.name, info.state, info.build) == (
+        "simple",
+        "one",
+        RunnerState.WAITING,
+        None,
+    )
     build = h.submit(api)
     (runners,) = h.send(api, "API:get_runners:")
     assert runners.runners[0].state is RunnerState.RUNNING
@@ -89,7 +99,9 @@ def test_unregister_removes_the_runner(h: Harness) -> None:
 def test_the_seed_flow(h: Harness) -> None:
     r = h.runner()
     api = h.connect()
-    (queued,) = h.send(api, 'API:run:{"repo": "https://x/r.git", "script": ["make", "make test"], "req": "a"}')
+    (queued,) = h.send(
+        api, 'API:run:{"repo": "https://x/r.git", "script": ["make", "make test"], "req": "a"}'
+    )
     assert queued.COMMAND == "queued" and queued.req == "a"
     (run,) = h.recv(r)
     assert run.COMMAND == "run" and run.build == queued.build
@@ -98,7 +110,13 @@ def test_the_seed_flow(h: Harness) -> None:
     assert h.send(r, 'RUNNER:process:{"finished": true, "success": true}') == []
     (reply,) = h.send(api, f'API:get_build:{{"build": "{queued.build}"}}')
     b = reply.build
-    assert (b.state, b.success, b.log_seq, b.runner, b.attempt) == (BuildState.SUCCESS, True, 1, run and b.runner, 1)
+    assert (b.state, b.success, b.log_seq, b.runner, b.attempt) == (
+        BuildState.SUCCESS,
+        True,
+        1,
+        run and b.runner,
+        1,
+    )
     assert b.created.endswith("Z") and b.started and b.finished
     assert h.log_of(queued.build) == [(1, "building\n")]
 
@@ -317,7 +335,7 @@ def test_resume_within_the_grace(h: Harness) -> None:
     again = h.connect()
     (ready,) = h.send(
         again,
-        f'RUNNER:init:{{"type": "simple", "protocol": 1, "resume": {{"build": "{build}", "session": "{session}"}}}}',
+        resume_frame(build, session),
     )
     assert ready.resume is not None and (ready.resume.build, ready.resume.seq) == (build, 2)
     assert ready.session != session
@@ -336,7 +354,7 @@ def test_resume_replaces_a_stale_connection(h: Harness) -> None:
     again = h.connect()
     (ready,) = h.send(
         again,
-        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+        resume_frame(build, session),
     )
     assert ready.resume is not None
     assert h.closed[r][0] == CloseCode.REPLACED
@@ -360,18 +378,22 @@ def test_refused_resumes_get_ready_without_resume(h: Harness, case: str) -> None
     again = h.connect()
     ready = h.send(
         again,
-        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+        resume_frame(build, session),
     )[0]
     assert ready.COMMAND == "ready" and ready.resume is None
 
 
 def test_lost_builds_are_requeued_once(h: Harness) -> None:
-    r, build, _, api = _running(h)
+    r, build, _, _api = _running(h)
     h.send(r, 'RUNNER:process:{"finished": false, "log": "attempt one"}')
     h.disconnect(r)
     h.advance(60)
     info = h.hub.build(build)
-    assert info is not None and (info.state, info.attempt, info.runner) == (BuildState.QUEUED, 2, None)
+    assert info is not None and (info.state, info.attempt, info.runner) == (
+        BuildState.QUEUED,
+        2,
+        None,
+    )
     r2 = h.runner()
     (run,) = h.recv(r2)
     assert run.build == build
@@ -415,12 +437,12 @@ def test_runner_closing_while_cancelling_ends_the_build(h: Harness) -> None:
 
 
 def test_resume_of_a_cancelling_build_repeats_the_cancel(h: Harness) -> None:
-    r, build, session, api = _running(h)
+    _r, build, session, api = _running(h)
     h.send(api, f'API:cancel:{{"build": "{build}"}}')
     again = h.connect()
     replies = h.send(
         again,
-        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{build}", "session": "{session}"}}}}',
+        resume_frame(build, session),
     )
     assert commands(replies) == ["ready", "cancel"]
 
@@ -465,7 +487,7 @@ def test_replay_from_any_point(h: Harness, start: int) -> None:
 
 def test_live_chunks_wait_while_the_backlog_loads() -> None:
     h = Harness(answer_loads=False)
-    r, build, _, api = _running(h)
+    r, build, _, _api = _running(h)
     for i in range(1, 4):
         h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
     web = h.connect([Role.WEB])
@@ -518,7 +540,9 @@ def test_the_global_feed(h: Harness) -> None:
     feed = h.recv(web)
     assert commands(feed) == ["runner", "state", "state", "runner", "state", "runner", "runner"]
     assert [m.build.state for m in feed if m.COMMAND == "state"] == [
-        BuildState.QUEUED, BuildState.RUNNING, BuildState.SUCCESS,
+        BuildState.QUEUED,
+        BuildState.RUNNING,
+        BuildState.SUCCESS,
     ]
     assert feed[-1].gone and feed[-1].runner.id == feed[0].runner.id
     assert all(m.build.id == build for m in feed if m.COMMAND == "state")
@@ -651,7 +675,7 @@ def test_restart_keeps_builds_logs_and_the_queue(h: Harness) -> None:
     again = h.connect()
     (ready,) = h.send(
         again,
-        f'RUNNER:init:{{"type": "simple", "resume": {{"build": "{running}", "session": "{session}"}}}}',
+        resume_frame(running, session),
     )
     assert ready.resume is not None and ready.resume.seq == 1
     h.send(again, 'RUNNER:process:{"finished": false, "log": "after", "seq": 2}')
@@ -689,7 +713,12 @@ def test_counts_for_hosts(h: Harness) -> None:
     st.lists(
         st.tuples(
             st.integers(min_value=0, max_value=2),
-            st.one_of(cst.frames(Role.RUNNER), cst.frames(Role.API), cst.frames(Role.WEB), cst.invalid_frames()),
+            st.one_of(
+                cst.frames(Role.RUNNER),
+                cst.frames(Role.API),
+                cst.frames(Role.WEB),
+                cst.invalid_frames(),
+            ),
         ),
         max_size=30,
     )
