@@ -1,0 +1,119 @@
+"""``citron-server``: parse the options, open the store, serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from citron_protocol import HubConfig, Role
+
+from .host import Auth, Host, HostConfig
+from .metrics import Metrics
+from .settings import ConfigError, Settings, parse_settings
+from .store import SqliteStore, StoreError
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("citron.server")
+
+
+class Transport(Protocol):
+    async def start(self) -> int: ...
+    async def stop_accepting(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def _say(line: str) -> None:
+    print(f"citron-server: {line}", flush=True)
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the server until ``stop`` is set; raises StoreError if the database
+    cannot be used, OSError if the address cannot be bound."""
+    metrics = Metrics()
+    store = SqliteStore(settings.db, on_commit=metrics.on_commit)
+    hub_config = HubConfig(
+        log_cap=settings.log_cap,
+        lost_grace=settings.lost_grace,
+        retry_lost=settings.retry_lost,
+        cancel_timeout=settings.cancel_timeout,
+    )
+    host = Host(store, hub_config, HostConfig(max_buffer=settings.max_buffer))
+    metrics.watch(host)
+    auth = Auth(
+        {
+            Role.RUNNER: settings.runner_token,
+            Role.API: settings.api_token,
+            Role.WEB: settings.web_token,
+        }
+    )
+    await host.start()
+    transport: Transport
+    if settings.transport == "aiohttp":
+        from .aio import AiohttpTransport
+
+        transport = AiohttpTransport(host, auth, metrics, settings)
+    else:
+        from .ws import WebsocketsTransport
+
+        transport = WebsocketsTransport(host, auth, metrics, settings)
+    try:
+        port = await transport.start()
+    except OSError:
+        await store.close()
+        raise
+    where = f"[{settings.host}]" if ":" in settings.host else settings.host
+    _say(f"listening on ws://{where}:{port}/ws")
+    _say(f"transport {settings.transport}, compression {settings.compression}")
+    db = settings.db if settings.db == ":memory:" else str(Path(settings.db).resolve())
+    _say(f"database {db} (SQLite{', nothing is kept' if settings.db == ':memory:' else ', WAL'})")
+    open_roles = sorted(auth.open_roles)
+    if open_roles:
+        _say(f"open roles (no token needed): {', '.join(open_roles)}")
+    else:
+        _say("every role needs a token")
+    await stop.wait()
+    log.info("shutting down")
+    await transport.stop_accepting()
+    await host.shutdown()
+    await transport.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        print(f"citron-server: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(settings, stop)
+        except StoreError as exc:
+            print(f"citron-server: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(
+                f"citron-server: error: cannot listen on {settings.host}:{settings.port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 2
+        return 0
+
+    return asyncio.run(run())

@@ -1,0 +1,297 @@
+"""The host: runs the sans-IO hub on asyncio, for any transport.
+
+An adapter (websockets or aiohttp) accepts connections, decides their roles
+from the credentials (:class:`Auth`), and tells the host what happened on each
+(:meth:`Host.open`, :meth:`Host.receive`, :meth:`Host.receive_binary`,
+:meth:`Host.closed`). The host passes it to the hub with the time, and carries
+out what the hub answers: records to the store, frames to each connection's
+bounded outbox, closes, and log reads for replays paced to the reader.
+
+The host knows no command: it moves text, bytes and close codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import attrs
+
+from citron_protocol import BuildRecord, CloseCode, Effects, Hub, HubConfig, LoadLog, Role
+
+from .store import Store, StoreError
+
+__all__ = ["Auth", "Connection", "Host", "HostConfig", "Peer", "RandomIds"]
+
+log = logging.getLogger("citron.server")
+
+
+class Peer(Protocol):
+    """One WebSocket connection as an adapter exposes it."""
+
+    async def send(self, text: str) -> None:
+        """Send a text frame (may wait for the socket to drain)."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with a WebSocket close code."""
+
+    def buffered(self) -> int:
+        """Bytes waiting in the transport's write buffer."""
+        ...
+
+
+class RandomIds:
+    """Ids and secrets for a real server: random, never reused."""
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind[0]}-{secrets.token_hex(6)}"
+
+    def new_secret(self) -> str:
+        return secrets.token_urlsafe(24)
+
+
+@attrs.frozen
+class Auth:
+    """Which roles a token opens. A role without a token is open to all."""
+
+    tokens: Mapping[Role, str | None]
+
+    @property
+    def open_roles(self) -> frozenset[Role]:
+        return frozenset(r for r in Role if not self.tokens.get(r))
+
+    def roles_for(self, token: str | None) -> frozenset[Role] | None:
+        """The roles a connection presenting ``token`` may use; None: refuse (401)."""
+        if token is None:
+            return self.open_roles or None
+        matched = frozenset(
+            role
+            for role, expected in self.tokens.items()
+            if expected and hmac.compare_digest(expected.encode(), token.encode())
+        )
+        if not matched:
+            return None
+        return matched | self.open_roles
+
+    @staticmethod
+    def token_from(authorization: str | None, query_token: str | None) -> str | None:
+        """The token of ``Authorization: Bearer T`` or of ``?token=T``."""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+            return ""  # present but not a bearer token: matches nothing
+        return query_token
+
+
+@attrs.frozen(kw_only=True)
+class HostConfig:
+    """I/O policy."""
+
+    max_buffer: int = 1024 * 1024  # outgoing bytes per connection before 4008
+    tick: float = 0.5  # how often the hub hears the time, at most
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A connection's outbox: frames wait here, then the writer sends them."""
+
+    id: int
+    peer: Peer
+    host: Host
+    queue: deque[str] = attrs.Factory(deque)
+    queued: int = 0
+    closing: tuple[int, str] | None = None
+    gone: bool = False
+    wake: asyncio.Event = attrs.Factory(asyncio.Event)
+    writer: asyncio.Task[None] | None = None
+
+    def pending(self) -> int:
+        """Bytes not yet on the wire: the outbox and the transport's buffer."""
+        return self.queued + self.peer.buffered()
+
+    def push(self, text: str) -> None:
+        if self.closing is not None or self.gone:
+            return
+        self.queued += len(text)
+        self.queue.append(text)
+        if self.pending() > self.host.config.max_buffer:
+            self.host.slow_consumers += 1
+            log.warning(
+                "connection %d: slow consumer (%d bytes queued, %d in the transport), closing",
+                self.id,
+                self.queued,
+                self.peer.buffered(),
+            )
+            self.queue.clear()
+            self.queued = 0
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self.wake.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after what is queued has been sent."""
+        if self.closing is None and not self.gone:
+            self.closing = (code, reason)
+            self.wake.set()
+
+    async def run_writer(self) -> None:
+        try:
+            while True:
+                while self.queue:
+                    text = self.queue.popleft()
+                    self.queued -= len(text)
+                    await self.peer.send(text)
+                if self.closing is not None:
+                    await self.peer.close(*self.closing)
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+        except Exception:  # noqa: BLE001 - a dead socket ends the writer; the reader reports it
+            self.queue.clear()
+            self.queued = 0
+
+
+class Host:
+    """Runs a :class:`Hub` for an adapter; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        hub_config: HubConfig | None = None,
+        config: HostConfig | None = None,
+        *,
+        hub: Hub | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config or HostConfig()
+        self.hub = hub or Hub(RandomIds(), hub_config)
+        self.connections: dict[int, Connection] = {}
+        self.slow_consumers = 0
+        self.started = False
+        self._ids = itertools.count(1)
+        self._timer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and rebuild the hub from it."""
+        await self.store.open()
+        builds = await self.store.load_builds()
+        self.apply(self.hub.restore(builds, self.now()))
+        self._timer = asyncio.create_task(self._tick())
+        self.started = True
+        log.info("restored %d builds", len(builds))
+
+    async def shutdown(self) -> None:
+        """Close every connection with 1001, then commit and close the store."""
+        for conn in list(self.connections.values()):
+            conn.queue.clear()
+            conn.queued = 0
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        writers = [c.writer for c in self.connections.values() if c.writer is not None]
+        if writers:
+            await asyncio.wait(writers, timeout=3)
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.store.close()
+
+    async def _tick(self) -> None:
+        while True:
+            deadline = self.hub.next_deadline()
+            now = self.now()
+            delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
+            await asyncio.sleep(max(delay, 0.01))
+            self.apply(self.hub.advance(self.now()))
+
+    # -- what adapters report --------------------------------------------------------
+
+    def open(self, peer: Peer, roles: Iterable[Role]) -> Connection:
+        conn = Connection(id=next(self._ids), peer=peer, host=self)
+        conn.writer = asyncio.create_task(conn.run_writer())
+        self.connections[conn.id] = conn
+        roles = frozenset(roles)
+        log.info("connection %d opened (roles %s)", conn.id, ",".join(sorted(roles)))
+        self.apply(self.hub.connect(conn.id, roles, self.now()))
+        return conn
+
+    def receive(self, conn: Connection, text: str) -> None:
+        self.apply(self.hub.receive(conn.id, text, self.now()))
+
+    def receive_binary(self, conn: Connection) -> None:
+        self.apply(self.hub.receive_binary(conn.id, self.now()))
+
+    def closed(self, conn: Connection, code: int | None = None) -> None:
+        """The connection is closed (its reader ended)."""
+        if conn.gone:
+            return
+        role = self.hub.role_of(conn.id)
+        conn.gone = True
+        conn.queue.clear()
+        conn.queued = 0
+        conn.wake.set()
+        if conn.writer is not None and conn.closing is None:
+            conn.writer.cancel()
+        self.connections.pop(conn.id, None)
+        log.info("connection %d closed (role %s, code %s)", conn.id, role or "-", code)
+        self.apply(self.hub.disconnect(conn.id, self.now()))
+
+    # -- carrying out the hub's answer ---------------------------------------------------
+
+    def apply(self, fx: Effects) -> None:
+        if fx.records:
+            self.store.write(fx.records)
+            for record in fx.records:
+                if isinstance(record, BuildRecord):
+                    log.info(
+                        "build %s %s (attempt %d, runner %s)",
+                        record.id,
+                        record.state,
+                        record.attempt,
+                        record.runner or "-",
+                    )
+        conns = self.connections
+        for target, text in fx.sends:
+            conn = conns.get(target)  # type: ignore[call-overload]
+            if conn is not None:
+                conn.push(text)
+        for close in fx.closes:
+            conn = conns.get(close.conn)  # type: ignore[call-overload]
+            if conn is not None:
+                log.info("connection %d: closing (%d %s)", conn.id, close.code, close.reason)
+                conn.close(close.code, close.reason)
+        for load in fx.loads:
+            task = asyncio.create_task(self._load(load))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, load: LoadLog) -> None:
+        conn = self.connections.get(load.conn)  # type: ignore[call-overload]
+        low_water = self.config.max_buffer // 4
+        while conn is not None and not conn.gone and conn.pending() > low_water:
+            await asyncio.sleep(0.005)  # pace the replay to the reader
+        if conn is None or conn.gone:
+            chunks: list[tuple[int, str]] = []
+        else:
+            try:
+                chunks = list(
+                    await self.store.read_log(load.build, load.after, load.until, load.limit)
+                )
+            except StoreError as exc:
+                log.error("reading the log of %s failed: %s", load.build, exc)
+                chunks = []
+        self.apply(self.hub.log_loaded(load.request, chunks, self.now()))

@@ -1,0 +1,195 @@
+"""``citron-server`` options: command line first, then ``CITRON_<NAME>``
+environment variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+__all__ = ["ConfigError", "Settings", "parse_settings"]
+
+
+class ConfigError(Exception):
+    """An option has a value the server cannot use."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    transport: str = "websockets"
+    db: str = "citron.db"
+    runner_token: str | None = None
+    api_token: str | None = None
+    web_token: str | None = None
+    max_frame: int = 1024 * 1024
+    max_buffer: int = 1024 * 1024
+    log_cap: int = 64 * 1024 * 1024
+    lost_grace: float = 60.0
+    retry_lost: int = 1
+    cancel_timeout: float = 30.0
+    compression: str = "off"
+    log_level: str = "INFO"
+    insecure: bool = False
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _token(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a token must not be empty")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--host", {"help": "address to listen on (default 127.0.0.1)"}),
+    ("--port", {"type": _port, "help": "port (default 8765; 0 picks a free one)"}),
+    ("--transport", {"choices": ["websockets", "aiohttp"], "help": "default websockets"}),
+    ("--db", {"help": "SQLite file (default citron.db; :memory: keeps nothing)"}),
+    ("--runner-token", {"type": _token, "help": "token for the RUNNER role (none: open)"}),
+    ("--api-token", {"type": _token, "help": "token for the API role (none: open)"}),
+    ("--web-token", {"type": _token, "help": "token for the WEB role (none: open)"}),
+    ("--max-frame", {"type": _positive_int, "help": "largest frame in bytes (default 1 MiB)"}),
+    (
+        "--max-buffer",
+        {
+            "type": _positive_int,
+            "help": "outgoing bytes a connection may have waiting before it is closed"
+            " as a slow consumer (default 1 MiB)",
+        },
+    ),
+    ("--log-cap", {"type": _positive_int, "help": "log bytes stored per build (default 64 MiB)"}),
+    (
+        "--lost-grace",
+        {"type": _seconds, "help": "seconds a build waits for its runner to resume (default 60)"},
+    ),
+    ("--retry-lost", {"type": _count, "help": "times a lost build is requeued (default 1)"}),
+    (
+        "--cancel-timeout",
+        {"type": _seconds, "help": "seconds a runner has to end a cancelled build (default 30)"},
+    ),
+    ("--compression", {"choices": ["deflate", "off"], "help": "permessage-deflate (default off)"}),
+    (
+        "--log-level",
+        {
+            "choices": ["DEBUG", "INFO", "WARNING", "ERROR"],
+            "type": str.upper,
+            "help": "default INFO",
+        },
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="citron-server",
+        description="The citron coordination server for ci-tron runners, backends and fronts. "
+        "Every option can also be set as an environment variable CITRON_<NAME> "
+        "(e.g. CITRON_API_TOKEN).",
+    )
+    for flag, kwargs in _OPTIONS:
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow listening on a non-loopback address while a role has no token",
+    )
+    return parser
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Settings from the command line and the environment; ConfigError if bad."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for action in parser._actions:
+        name = action.dest
+        if name == "help":
+            continue
+        value = getattr(args, name)
+        env_name = f"CITRON_{name.upper()}"
+        if value is None and env_name in environ:
+            raw = environ[env_name]
+            if name == "insecure":
+                value = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                try:
+                    value = action.type(raw) if callable(action.type) else raw
+                except argparse.ArgumentTypeError as exc:
+                    raise ConfigError(f"{env_name}: {exc}") from None
+                if action.choices is not None and value not in action.choices:
+                    choices = ", ".join(map(str, action.choices))
+                    raise ConfigError(f"{env_name}: {raw!r} is not one of {choices}")
+        if value is not None:
+            values[name] = value
+    settings = Settings(**values)
+    open_roles = [
+        role
+        for role, token in (
+            ("RUNNER", settings.runner_token),
+            ("API", settings.api_token),
+            ("WEB", settings.web_token),
+        )
+        if not token
+    ]
+    if open_roles and not settings.loopback and not settings.insecure:
+        raise ConfigError(
+            f"refusing to listen on {settings.host} with roles open to anyone "
+            f"({', '.join(open_roles)}): set their tokens, or pass --insecure"
+        )
+    return settings

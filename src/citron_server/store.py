@@ -1,0 +1,338 @@
+"""Persistence: the one small interface the host needs, and its SQLite engine.
+
+A :class:`Store` takes the hub's records in order (``write``, which never
+blocks), hands the builds back on start (``load_builds``) and reads log
+chunks for replays (``read_log``). Reads see every record written before them,
+committed or not.
+
+:class:`SqliteStore` keeps everything in one SQLite file in WAL mode. One
+thread owns the connection: records are group-committed, one transaction per
+batch, at least every 50 ms and whenever the queue runs dry, so storing logs
+never blocks the event loop. A ``kill -9`` loses at most the batch that was
+not committed yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import cattrs
+
+from citron_protocol import BuildRecord, LogRecord, Record
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError"]
+
+log = logging.getLogger("citron.store")
+
+#: The schema version this code writes (``PRAGMA user_version``).
+SCHEMA_VERSION = 1
+BATCH_SECONDS = 0.05
+
+_converter = cattrs.Converter()
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used."""
+
+
+class Store(Protocol):
+    """What the host needs from a store engine."""
+
+    async def open(self) -> None:
+        """Open (and migrate) the store."""
+
+    async def load_builds(self) -> list[BuildRecord]:
+        """Every build, oldest first, log counters taken from the stored chunks."""
+        ...
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Persist records, in order; returns at once."""
+
+    async def read_log(
+        self, build: str, after: int, until: int, limit: int
+    ) -> Sequence[tuple[int, str]]:
+        """Chunks ``after < seq <= until`` of ``build``, ascending, at most ``limit``."""
+        ...
+
+    async def close(self) -> None:
+        """Commit everything written, then close."""
+
+
+_MIGRATIONS: list[str] = [
+    # version 1
+    """
+    CREATE TABLE builds (
+        id TEXT PRIMARY KEY,
+        number INTEGER NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE TABLE log_chunks (
+        build TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        run_seq INTEGER,
+        size INTEGER NOT NULL,
+        log TEXT NOT NULL,
+        PRIMARY KEY (build, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+@attrs.define
+class _Job:
+    kind: str  # "write", "call"
+    records: Sequence[Record] = ()
+    fn: Callable[[sqlite3.Connection], Any] | None = None
+    future: asyncio.Future[Any] | None = None
+
+
+class SqliteStore:
+    """The embedded default engine. ``path`` may be ``:memory:``."""
+
+    def __init__(self, path: str, on_commit: Callable[[float, int], None] | None = None) -> None:
+        self.path = path
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._db: sqlite3.Connection | None = None
+        self._failed: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="citron-store", daemon=True
+        )
+        self._thread.start()
+        await ready
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # -- the interface -----------------------------------------------------------------
+
+    def write(self, records: Sequence[Record]) -> None:
+        if records:
+            self._queue.put(_Job("write", records=list(records)))
+
+    async def load_builds(self) -> list[BuildRecord]:
+        return await self._call(_load_builds)  # type: ignore[no-any-return]
+
+    async def read_log(
+        self, build: str, after: int, until: int, limit: int
+    ) -> Sequence[tuple[int, str]]:
+        def read(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = db.execute(
+                "SELECT seq, log FROM log_chunks WHERE build = ? AND seq > ? AND seq <= ?"
+                " ORDER BY seq LIMIT ?",
+                (build, after, until, limit),
+            )
+            return [(int(seq), str(text)) for seq, text in rows]
+
+        return await self._call(read)  # type: ignore[no-any-return]
+
+    async def flush(self) -> None:
+        """Wait until everything written so far is committed."""
+        await self._call(lambda db: None)
+
+    # -- the thread ----------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._failed is not None:
+            raise StoreError(f"the store failed: {self._failed}")
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put(_Job("call", fn=fn, future=future))
+        return await future
+
+    def _resolve(
+        self, future: asyncio.Future[Any], value: Any, error: BaseException | None
+    ) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        self._loop.call_soon_threadsafe(settle)
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            db = _connect(self.path)
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            self._resolve(ready, None, StoreError(f"cannot open database {self.path}: {exc}"))
+            return
+        self._resolve(ready, None, None)
+        try:
+            self._serve(db)
+        except sqlite3.Error as exc:  # disk full, file removed: say it, keep the server up
+            self._failed = exc
+            log.error("store failed: %s", exc)
+            self._fail_pending(exc)
+        finally:
+            db.close()
+
+    def _serve(self, db: sqlite3.Connection) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            started = time.monotonic()
+            count = 0
+            done = False
+            db.execute("BEGIN")
+            while True:
+                count += self._do(db, job)
+                if time.monotonic() - started >= BATCH_SECONDS:
+                    break
+                try:
+                    next_job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if next_job is None:
+                    done = True
+                    break
+                job = next_job
+            commit_started = time.monotonic()
+            db.execute("COMMIT")
+            if self._on_commit is not None:
+                self._on_commit(time.monotonic() - commit_started, count)
+            if done:
+                return
+
+    def _do(self, db: sqlite3.Connection, job: _Job) -> int:
+        if job.kind == "write":
+            _apply(db, job.records)
+            return len(job.records)
+        assert job.fn is not None and job.future is not None
+        try:
+            value = job.fn(db)
+        except sqlite3.Error as exc:
+            self._resolve(job.future, None, StoreError(str(exc)))
+        else:
+            self._resolve(job.future, value, None)
+        return 0
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future is not None:
+                self._resolve(job.future, None, StoreError(str(exc)))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        parent = Path(path).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise StoreError(f"no directory {parent}")
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        _migrate(db)
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {version}; this citron knows up to {SCHEMA_VERSION}"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN")
+        for statement in _MIGRATIONS[target - 1].split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {target}")
+        db.execute("COMMIT")
+        log.info("database migrated to schema version %d", target)
+
+
+def _apply(db: sqlite3.Connection, records: Sequence[Record]) -> None:
+    chunks: list[tuple[str, int, int, int | None, int, str]] = []
+    for record in records:
+        if isinstance(record, LogRecord):
+            chunks.append(
+                (record.build, record.seq, record.attempt, record.run_seq, record.size, record.log)
+            )
+            continue
+        if chunks:
+            _insert_chunks(db, chunks)
+            chunks = []
+        data = _converter.unstructure(record)
+        db.execute(
+            "INSERT INTO builds (id, number, state, record) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record",
+            (record.id, record.number, record.state.value, json.dumps(data)),
+        )
+    if chunks:
+        _insert_chunks(db, chunks)
+
+
+def _insert_chunks(
+    db: sqlite3.Connection, chunks: list[tuple[str, int, int, int | None, int, str]]
+) -> None:
+    db.executemany(
+        "INSERT OR REPLACE INTO log_chunks (build, seq, attempt, run_seq, size, log)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        chunks,
+    )
+
+
+def _load_builds(db: sqlite3.Connection) -> list[BuildRecord]:
+    counters = {
+        build: (int(seq), int(size))
+        for build, seq, size in db.execute(
+            "SELECT build, max(seq), sum(size) FROM log_chunks GROUP BY build"
+        )
+    }
+    run_seqs = {
+        (build, int(attempt)): int(run_seq)
+        for build, attempt, run_seq in db.execute(
+            "SELECT build, attempt, max(run_seq) FROM log_chunks"
+            " WHERE run_seq IS NOT NULL GROUP BY build, attempt"
+        )
+    }
+    out = []
+    for (text,) in db.execute("SELECT record FROM builds ORDER BY number"):
+        record = _converter.structure(json.loads(text), BuildRecord)
+        log_seq, log_bytes = counters.get(record.id, (0, 0))
+        out.append(
+            attrs.evolve(
+                record,
+                log_seq=log_seq,
+                log_bytes=log_bytes,
+                run_seq=run_seqs.get((record.id, record.attempt), 0),
+            )
+        )
+    return out

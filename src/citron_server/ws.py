@@ -1,0 +1,104 @@
+"""The hub over the ``websockets`` library (the default transport)."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from citron_protocol import Role
+
+from .host import Auth, Host
+from .metrics import CONTENT_TYPE, Metrics, health
+from .settings import Settings
+
+__all__ = ["WebsocketsTransport"]
+
+
+class _Peer:
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    async def send(self, text: str) -> None:
+        await self.ws.send(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+    def buffered(self) -> int:
+        return self.ws.transport.get_write_buffer_size()
+
+
+def _response(status: int, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+class WebsocketsTransport:
+    """Serves ``/ws``, ``/healthz`` and ``/metrics`` with websockets."""
+
+    def __init__(self, host: Host, auth: Auth, metrics: Metrics, settings: Settings) -> None:
+        self.host, self.auth, self.metrics, self.settings = host, auth, metrics, settings
+        self._roles: dict[ServerConnection, frozenset[Role]] = {}
+        self._server: Server | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        self._server = await serve(
+            self._handler,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression="deflate" if s.compression == "deflate" else None,
+            max_size=s.max_frame,
+            ping_interval=20,
+            ping_timeout=20,
+            server_header="citron",
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == "/healthz":
+            return _response(200, json.dumps(health(self.host)).encode(), "application/json")
+        if url.path == "/metrics":
+            return _response(200, self.metrics.render(), CONTENT_TYPE)
+        if url.path != "/ws":
+            return _response(404, b"not found\n", "text/plain; charset=utf-8")
+        query = parse_qs(url.query).get("token", [None])[0]
+        token = Auth.token_from(request.headers.get("Authorization"), query)
+        roles = self.auth.roles_for(token)
+        if roles is None:
+            return _response(
+                401, b"unauthorized: a valid token is needed\n", "text/plain; charset=utf-8"
+            )
+        self._roles[connection] = roles
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        roles = self._roles.pop(ws, frozenset())
+        conn = self.host.open(_Peer(ws), roles)
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    self.host.receive(conn, message)
+                else:
+                    self.host.receive_binary(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.host.closed(conn, ws.close_code)
