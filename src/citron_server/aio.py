@@ -71,7 +71,7 @@ class AiohttpTransport:
         if roles is None:
             raise web.HTTPUnauthorized(text="unauthorized: a valid token is needed\n")
         ws = web.WebSocketResponse(
-            heartbeat=20,
+            heartbeat=self.settings.ping_interval,
             max_msg_size=self.settings.max_frame,
             compress=self.settings.compression == "deflate",
         )

@@ -34,6 +34,7 @@ class Settings:
     retry_lost: int = 1
     cancel_timeout: float = 30.0
     compression: str = "off"
+    ping_interval: float = 20.0
     log_level: str = "INFO"
     insecure: bool = False
 
@@ -121,6 +122,14 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "--cancel-timeout",
         {"type": _seconds, "help": "seconds a runner has to end a cancelled build (default 30)"},
+    ),
+    (
+        "--ping-interval",
+        {
+            "type": _seconds,
+            "help": "seconds between keepalive pings; a peer that does not answer"
+            " within as long again is closed (default 20)",
+        },
     ),
     ("--compression", {"choices": ["deflate", "off"], "help": "permessage-deflate (default off)"}),
     (

@@ -56,8 +56,8 @@ class WebsocketsTransport:
             process_request=self._process_request,
             compression="deflate" if s.compression == "deflate" else None,
             max_size=s.max_frame,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_interval,
             server_header="citron",
         )
         return int(self._server.sockets[0].getsockname()[1])

@@ -1,0 +1,139 @@
+"""citron-server's command line: options, environment, and clear failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ServerFactory
+from .peers import RawClient
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "citron_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def test_help() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for option in [
+        "--host",
+        "--port",
+        "--transport",
+        "--db",
+        "--runner-token",
+        "--api-token",
+        "--web-token",
+        "--max-frame",
+        "--log-cap",
+        "--lost-grace",
+        "--retry-lost",
+        "--cancel-timeout",
+        "--compression",
+        "--log-level",
+        "--insecure",
+        "CITRON_",
+    ]:
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--port", "abc"], {}, "--port: expected a whole number"),
+        (["--port", "70000"], {}, "at most 65535"),
+        (["--transport", "tornado"], {}, "invalid choice"),
+        (["--lost-grace", "-1"], {}, "positive number of seconds"),
+        (["--bogus"], {}, "unrecognized arguments"),
+        ([], {"CITRON_RETRY_LOST": "nope"}, "CITRON_RETRY_LOST: expected a whole number"),
+        ([], {"CITRON_TRANSPORT": "x"}, "CITRON_TRANSPORT: 'x' is not one of"),
+        (["--host", "0.0.0.0"], {}, "refusing to listen on 0.0.0.0"),
+        (["--host", "0.0.0.0", "--api-token", "a", "--web-token", "w"], {}, "(RUNNER)"),
+        (["--db", "/nonexistent/dir/citron.db"], {}, "cannot open database"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], needle: str, tmp_path: Path
+) -> None:
+    result = run("--port", "0", *args, env=env, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("citron-server: error: ")
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_database_that_is_not_sqlite(tmp_path: Path) -> None:
+    bad = tmp_path / "citron.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    result = run("--port", "0", "--db", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot open database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_in_use(server_factory: ServerFactory, tmp_path: Path) -> None:
+    server = server_factory()
+    result = run("--port", str(server.port), "--db", ":memory:", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_insecure_allows_open_roles_off_loopback(server_factory: ServerFactory) -> None:
+    server = server_factory("--host", "0.0.0.0", "--insecure")
+    assert server.lines[3] == "citron-server: open roles (no token needed): API, RUNNER, WEB"
+
+
+def test_environment_sets_options(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CITRON_COMPRESSION", "deflate")
+    server = server_factory()
+    assert server.lines[1].endswith("compression deflate")
+
+
+def test_memory_database(server_factory: ServerFactory, tmp_path: Path) -> None:
+    server = server_factory("--db", ":memory:")
+    assert "nothing is kept" in server.lines[2]
+
+
+def test_default_database_is_in_the_working_directory(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "citron_server", "--port", "0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert f"database {tmp_path.resolve() / 'citron.db'} (SQLite, WAL)" in lines[2]
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert (tmp_path / "citron.db").exists()
+
+
+async def test_keepalive_closes_a_silent_peer(server_factory: ServerFactory) -> None:
+    server = server_factory("--ping-interval", "0.5")
+    silent = RawClient(server.port)  # never answers pings
+    frames = await asyncio.wait_for(asyncio.to_thread(silent.frames), 10)
+    opcodes = [opcode for opcode, _ in frames]
+    assert 9 in opcodes  # it was pinged
+    assert server.http("/healthz")[0] == 200
