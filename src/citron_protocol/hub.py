@@ -237,6 +237,7 @@ class _Build:
     runner: _Runner | None = None  # the registration running it, if connected
     subs: dict[ConnId, _Sub] = attrs.Factory(dict)
     queue_order: int = 0
+    secrets: dict[str, str] | None = None  # never persisted
 
     @property
     def id(self) -> str:
@@ -330,7 +331,10 @@ class Hub:
             build = _Build(record=record)
             self._builds[record.id] = build
             self._number = max(self._number, record.number)
-            if record.state is BuildState.QUEUED:
+            if record.state is BuildState.QUEUED and record.secret_names:
+                self._notice(build, "its secrets were lost in a server restart; submit it again")
+                self._transition(build, BuildEvent.LOSE)
+            elif record.state is BuildState.QUEUED:
                 self._enqueue(build)
             elif record.state in (BuildState.RUNNING, BuildState.CANCELLING):
                 self._deadlines[record.id] = now + self.config.lost_grace
@@ -616,6 +620,12 @@ class Hub:
 
     def _start(self, build: _Build, runner: _Runner) -> None:
         self._dequeue(build)
+        if build.record.secret_names and build.secrets is None:
+            # Secrets live only in memory: a restart took them.
+            self._notice(build, "its secrets were lost in a server restart; submit it again")
+            self._transition(build, BuildEvent.LOSE)
+            self._dispatch_runner(runner)
+            return
         self._set_runner_state(runner, RunnerEvent.DISPATCH, build)
         build.runner = runner
         self._transition(
@@ -629,7 +639,15 @@ class Hub:
         r = build.record
         self._send(
             runner.conn.id,
-            Run(build=r.id, repo=r.repo, script=r.script, ref=r.ref, env=r.env, timeout=r.timeout),
+            Run(
+                build=r.id,
+                repo=r.repo,
+                script=r.script,
+                ref=r.ref,
+                env=r.env,
+                timeout=r.timeout,
+                secrets=build.secrets,
+            ),
         )
         self._notify_runner(runner)
 
@@ -832,8 +850,9 @@ class Hub:
             env=msg.env,
             timeout=msg.timeout,
             created=self._now,
+            secret_names=tuple(sorted(msg.secrets or ())),
         )
-        build = _Build(record=record)
+        build = _Build(record=record, secrets=msg.secrets)
         self._builds[record.id] = build
         self._fx.records.append(record)
         self._send(c.id, Queued(build=record.id, req=msg.req))

@@ -41,6 +41,7 @@ import attrs
 
 __all__ = [
     "MAX_INT",
+    "MIN_SECRET",
     "BuildInfo",
     "BuildReply",
     "BuildState",
@@ -222,6 +223,21 @@ def _opt_env(_: object, a: attrs.Attribute[Any], value: object) -> None:
             raise FieldError(f"{a.name}.{k}", "expected a string")
         if "\0" in v:
             raise FieldError(f"{a.name}.{k}", "must not contain a NUL character")
+
+
+#: The shortest secret value a build may carry: shorter ones would mask common text.
+MIN_SECRET = 4
+
+
+def _opt_secrets(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    _opt_env(inst, a, value)
+    if value is not None:
+        assert isinstance(value, dict)
+        for name, secret in value.items():
+            if len(secret) < MIN_SECRET:
+                raise FieldError(
+                    f"{a.name}.{name}", f"a secret must be at least {MIN_SECRET} characters"
+                )
 
 
 def _role(allowed: frozenset[Role]) -> Any:
@@ -427,6 +443,9 @@ class SubmitBuild:
     ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
     env: dict[str, str] | None = attrs.field(default=None, converter=_to_dict, validator=_opt_env)
     timeout: float | None = attrs.field(default=None, validator=_opt_duration)
+    secrets: dict[str, str] | None = attrs.field(
+        default=None, converter=_to_dict, validator=_opt_secrets, repr=False
+    )
     req: str | None = _REQ
 
     @property
@@ -547,6 +566,9 @@ class Run:
     ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
     env: dict[str, str] | None = attrs.field(default=None, converter=_to_dict, validator=_opt_env)
     timeout: float | None = attrs.field(default=None, validator=_opt_duration)
+    secrets: dict[str, str] | None = attrs.field(
+        default=None, converter=_to_dict, validator=_opt_secrets, repr=False
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -34,6 +34,8 @@ class BuildRecord:
     creation. ``session_hash`` is the SHA-256 (hex) of the session secret of
     the registration running the build, which a resume must present.
     ``run_seq`` is the last runner seq stored in the current attempt.
+    ``secret_names`` names the build's secrets; their values are never
+    persisted, only kept in the hub's memory.
     """
 
     id: str
@@ -56,6 +58,7 @@ class BuildRecord:
     run_seq: int = 0
     truncated: bool = False
     session_hash: str | None = None
+    secret_names: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

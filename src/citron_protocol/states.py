@@ -54,6 +54,7 @@ E = BuildEvent
 BUILD_TRANSITIONS: Final[dict[tuple[BuildState, BuildEvent], BuildState]] = {
     (S.QUEUED, E.DISPATCH): S.RUNNING,
     (S.QUEUED, E.CANCEL): S.CANCELLED,
+    (S.QUEUED, E.LOSE): S.LOST,  # its secrets did not survive a server restart
     (S.RUNNING, E.SUCCEED): S.SUCCESS,
     (S.RUNNING, E.FAIL): S.FAILURE,
     (S.RUNNING, E.CANCEL): S.CANCELLING,

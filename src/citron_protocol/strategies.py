@@ -99,6 +99,9 @@ _durations = st.integers(min_value=1, max_value=10**6) | st.floats(
 _script = st.lists(texts(max_size=40, nul=False), max_size=5).map(tuple)
 _env_keys = _names.filter(lambda k: "=" not in k)
 _env = st.none() | st.dictionaries(_env_keys, texts(max_size=20, nul=False), max_size=4)
+_secrets = st.none() | st.dictionaries(
+    _env_keys, texts(min_size=4, max_size=20, nul=False), max_size=3
+)
 _reqs = st.none() | texts(max_size=12)
 _api_web = st.sampled_from([Role.API, Role.WEB])
 
@@ -149,6 +152,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         ref=_opt_names,
         env=_env,
         timeout=st.none() | _durations,
+        secrets=_secrets,
         req=_reqs,
     ),
     CancelBuild: st.builds(CancelBuild, build=_names, req=_reqs),
@@ -179,6 +183,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         ref=_opt_names,
         env=_env,
         timeout=st.none() | _durations,
+        secrets=_secrets,
     ),
     Cancel: st.builds(Cancel, build=_names),
     Shutdown: st.just(Shutdown()),

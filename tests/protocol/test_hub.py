@@ -748,3 +748,54 @@ def test_any_frames_leave_the_hub_working(script: list[tuple[int, str]]) -> None
     h.send(r, f'RUNNER:process:{{"finished": true, "success": true, "build": "{build}"}}')
     assert build_state(h, build) is BuildState.SUCCESS
     assert h.log_of(build)[-1] == (1, "ok")
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+SECRET_RUN = 'API:run:{"repo": "r", "script": ["echo $TOKEN"], "secrets": {"TOKEN": "hunter22"}}'
+
+
+def test_secrets_go_to_the_runner_and_nowhere_else(h: Harness) -> None:
+    web = h.connect([Role.WEB])
+    h.send(web, "WEB:subscribe:{}")
+    r = h.runner()
+    api = h.connect()
+    (queued,) = h.send(api, SECRET_RUN)
+    (run,) = h.recv(r)
+    assert run.secrets == {"TOKEN": "hunter22"}
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{queued.build}"}}')
+    everything_else = [*h.raw(web), repr(reply), repr(h.store.builds), repr(run)]
+    assert not any("hunter22" in text for text in everything_else)
+
+
+def test_short_secrets_are_refused(h: Harness) -> None:
+    api = h.connect()
+    (error,) = h.send(api, 'API:run:{"repo": "r", "script": [], "secrets": {"A": "abc"}}')
+    assert (
+        error.code == "invalid_payload"
+        and "$.secrets.A: a secret must be at least 4" in error.message
+    )
+
+
+def test_queued_builds_lose_their_secrets_in_a_restart(h: Harness) -> None:
+    api = h.connect()
+    (queued,) = h.send(api, SECRET_RUN)
+    plain = h.submit(api)
+    h.restart()
+    assert build_state(h, queued.build) is BuildState.LOST
+    assert "secrets were lost" in h.log_of(queued.build)[-1][1]
+    r = h.runner()
+    (run,) = h.recv(r)
+    assert run.build == plain
+
+
+def test_requeued_builds_without_their_secrets_are_lost_at_dispatch(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    (queued,) = h.send(api, SECRET_RUN)
+    h.recv(r)
+    h.restart()  # the build was running: it waits for its runner
+    h.advance(60)  # which never comes back: requeued, without secrets
+    assert build_state(h, queued.build) is BuildState.QUEUED
+    h.runner()
+    assert build_state(h, queued.build) is BuildState.LOST
