@@ -695,13 +695,13 @@ class Hub:
             self._waiting_any[runner.id] = runner
             self._waiting_typed.setdefault(runner.init.type, {})[runner.id] = runner
 
-    def _release(self, runner: _Runner) -> None:
+    def _release(self, runner: _Runner, dispatch: bool = True) -> None:
         """The runner's build ended: it waits for the next one."""
         if runner.build is not None and runner.build.runner is runner:
             runner.build.runner = None
         self._set_runner_state(runner, RunnerEvent.RELEASE, None)
         self._notify_runner(runner)
-        if not runner.conn.closing:
+        if dispatch and not runner.conn.closing:
             self._dispatch_runner(runner)
 
     def _runner_leaves(self, runner: _Runner, unregistered: bool) -> None:
@@ -822,7 +822,9 @@ class Hub:
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)
         self._transition(build, BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL)
-        self._release(runner)
+        self._release(runner, dispatch=not msg.leave)
+        if msg.leave:
+            self._runner_leaves(runner, unregistered=True)
 
     def _on_unregister(self, c: _Conn, msg: RunnerUnregister) -> None:
         if c.runner is None:

@@ -402,13 +402,15 @@ class RunnerLog:
 
 @attrs.frozen(kw_only=True)
 class RunnerFinished:
-    """``RUNNER:process`` with ``finished: true``: the current build ended."""
+    """``RUNNER:process`` with ``finished: true``: the current build ended.
+    With ``leave``, the runner also leaves: it is given no other build."""
 
     COMMAND: ClassVar[str] = "process"
     ROLES: ClassVar[frozenset[Role]] = _RUNNER
 
     success: bool = attrs.field(validator=_boolean)
     build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    leave: bool = attrs.field(default=False, validator=_boolean)
 
     @property
     def role(self) -> Role:

@@ -147,6 +147,7 @@ class RunnerProtocol:
         self._run: Run | None = None  # the current build, kept until the next one
         self._chunks: list[str] = []  # the current run's chunks; seq n at index n - 1
         self._finished: bool | None = None  # the result, once finish() was called
+        self._leave = False
         self._sent = 0  # chunks sent on this connection
         self._finish_sent = False
         self._out: list[str] = []
@@ -253,11 +254,13 @@ class RunnerProtocol:
         self._chunks.append(text)
         self._flush()
 
-    def finish(self, success: bool) -> None:
-        """The current build ended."""
+    def finish(self, success: bool, leave: bool = False) -> None:
+        """The current build ended. With ``leave``, the server gives this runner
+        no other build: the host closes the connection once it is sent."""
         if self.build is None:
             raise UsageError("finish() with no build running")
         self._finished = bool(success)
+        self._leave = bool(leave)
         if self.phase is RunnerPhase.RUNNING:
             self.phase = RunnerPhase.WAITING
         self._flush()
@@ -271,7 +274,9 @@ class RunnerProtocol:
             self._out.append(encode(RunnerLog(log=self._chunks[seq - 1], build=build, seq=seq)))
             self._sent = seq
         if self._finished is not None and not self._finish_sent:
-            self._out.append(encode(RunnerFinished(success=self._finished, build=build)))
+            self._out.append(
+                encode(RunnerFinished(success=self._finished, build=build, leave=self._leave))
+            )
             self._finish_sent = True
 
     # -- output ---------------------------------------------------------------------------

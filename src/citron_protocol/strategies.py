@@ -142,7 +142,9 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         resume=st.none() | st.builds(Resume, build=_names, session=_names),
     ),
     RunnerLog: st.builds(RunnerLog, log=_log, build=_opt_names, seq=st.none() | _seqs),
-    RunnerFinished: st.builds(RunnerFinished, success=st.booleans(), build=_opt_names),
+    RunnerFinished: st.builds(
+        RunnerFinished, success=st.booleans(), build=_opt_names, leave=st.booleans()
+    ),
     RunnerUnregister: st.just(RunnerUnregister()),
     SubmitBuild: st.builds(
         SubmitBuild,

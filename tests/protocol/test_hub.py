@@ -799,3 +799,15 @@ def test_requeued_builds_without_their_secrets_are_lost_at_dispatch(h: Harness) 
     assert build_state(h, queued.build) is BuildState.QUEUED
     h.runner()
     assert build_state(h, queued.build) is BuildState.LOST
+
+
+def test_finish_and_leave_takes_no_other_build(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    first, second = h.submit(api), h.submit(api)
+    assert [m.build for m in h.recv(r)] == [first]
+    assert h.send(r, 'RUNNER:process:{"finished": true, "success": true, "leave": true}') == []
+    assert build_state(h, first) is BuildState.SUCCESS
+    assert build_state(h, second) is BuildState.QUEUED
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners == ()
