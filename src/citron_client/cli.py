@@ -1,0 +1,335 @@
+"""``citron``: the command line of the backend and the front.
+
+Exit codes:
+
+====  ==========================================================
+0     done (``submit --wait``: the build succeeded)
+1     ``submit --wait``: the build failed
+2     ``submit --wait``: the build was cancelled or lost
+64    bad usage
+65    the server answered ``error:`` (its code is printed)
+69    the server cannot be reached
+75    the connection dropped in the middle
+77    the server refused the token
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any, NoReturn
+
+from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo, converter
+
+from .api import Client
+from .connection import AuthError, ConnectError, ConnectionLost, RequestError
+
+__all__ = ["main"]
+
+EXIT_FAILED = 1
+EXIT_CANCELLED = 2
+EXIT_USAGE = 64
+EXIT_SERVER_ERROR = 65
+EXIT_UNAVAILABLE = 69
+EXIT_LOST = 75
+EXIT_NOPERM = 77
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
+    if not values:
+        return None
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{what} takes NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="citron", description="Submit, follow and inspect citron builds.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> _Parser:
+        p: _Parser = sub.add_parser(name, help=help, description=help)
+        p.add_argument("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws")
+        p.add_argument(
+            "--token", default=os.environ.get("CITRON_TOKEN"), help="token (or CITRON_TOKEN)"
+        )
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    def reader(name: str, help: str) -> _Parser:
+        p = command(name, help)
+        p.add_argument(
+            "--role", choices=["api", "web"], default="api", help="role to read with (default api)"
+        )
+        return p
+
+    p = command("submit", "queue a build; prints its id")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--script", action="append", required=True, help="a script line (repeat)")
+    p.add_argument("--type", help="only runners of this type may run it")
+    p.add_argument("--ref", help="git ref to check out")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment (repeat)")
+    p.add_argument(
+        "--secret", action="append", metavar="NAME=VALUE", help="a secret, masked in logs (repeat)"
+    )
+    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the log; exit 0/1/2 on success/failure/cancelled",
+    )
+
+    reader("runners", "list runners")
+    p = reader("builds", "list builds, newest first")
+    p.add_argument("--state", choices=[s.value for s in BuildState])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--before", help="only builds older than this one")
+    p = reader("show", "show one build")
+    p.add_argument("build")
+    p = reader("logs", "print a build's log")
+    p.add_argument("build")
+    p.add_argument("--follow", "-f", action="store_true", help="follow until the build ends")
+    p = command("cancel", "cancel a build")
+    p.add_argument("build")
+    return parser
+
+
+# -- output -------------------------------------------------------------------------
+
+_COLOURS = {
+    "success": "32",
+    "failure": "31",
+    "cancelled": "33",
+    "lost": "35",
+    "running": "36",
+    "cancelling": "33",
+    "queued": "2",
+    "RUNNING": "36",
+    "WAITING": "2",
+}
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def paint(self, text: str, key: str) -> str:
+        code = _COLOURS.get(key)
+        return f"\033[{code}m{text}\033[0m" if self.colour and code else text
+
+    def json(self, value: Any) -> None:
+        print(json.dumps(converter.unstructure(value), indent=2))
+
+    def table(
+        self, headers: list[str], rows: list[list[str]], colour_column: int | None = None
+    ) -> None:
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for row in rows:
+            cells = []
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
+                padded = cell.ljust(w)
+                cells.append(self.paint(padded, cell) if i == colour_column else padded)
+            print("  ".join(cells).rstrip())
+
+
+def _duration(b: BuildInfo) -> str:
+    from datetime import datetime
+
+    if not b.started or not b.finished:
+        return "-"
+    start = datetime.fromisoformat(b.started.replace("Z", "+00:00"))
+    end = datetime.fromisoformat(b.finished.replace("Z", "+00:00"))
+    return f"{(end - start).total_seconds():.1f}s"
+
+
+def _build_rows(builds: Sequence[BuildInfo]) -> list[list[str]]:
+    return [
+        [b.id, b.state.value, b.repo, b.runner or "-", b.started or "-", _duration(b)]
+        for b in builds
+    ]
+
+
+def _show_build(out: Output, b: BuildInfo) -> None:
+    if out.as_json:
+        out.json(b)
+        return
+    facts = [
+        ("id", b.id),
+        ("state", out.paint(b.state.value, b.state.value)),
+        ("repo", b.repo),
+        ("ref", b.ref or "-"),
+        ("type", b.type or "-"),
+        ("runner", b.runner or "-"),
+        ("attempt", str(b.attempt)),
+        ("created", b.created),
+        ("started", b.started or "-"),
+        ("finished", b.finished or "-"),
+        ("duration", _duration(b)),
+        (
+            "log",
+            f"{b.log_seq} chunks, {b.log_bytes} bytes" + (" (truncated)" if b.truncated else ""),
+        ),
+    ]
+    for key, value in facts:
+        print(f"{key + ':':10} {value}")
+    print("script:")
+    for line in b.script:
+        print(f"  {line}")
+
+
+def _runner_rows(runners: Sequence[RunnerInfo]) -> list[list[str]]:
+    return [[r.id, r.name or "-", r.type, r.state.value, r.build or "-"] for r in runners]
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+async def _follow(client: Client, build: str, out: Output) -> BuildInfo:
+    final: BuildInfo | None = None
+    async for event in client.follow(build):
+        if isinstance(event, LogChunk):
+            if out.as_json:
+                print(json.dumps({"seq": event.seq, "log": event.log}), flush=True)
+            else:
+                sys.stdout.write(event.log)
+                sys.stdout.flush()
+        else:
+            final = event.build
+    assert final is not None
+    return final
+
+
+def _exit_for(state: BuildState) -> int:
+    if state is BuildState.SUCCESS:
+        return 0
+    if state is BuildState.FAILURE:
+        return EXIT_FAILED
+    return EXIT_CANCELLED
+
+
+async def _run(args: argparse.Namespace) -> int:
+    out = Output(args.json)
+    role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
+    async with Client(
+        args.url, token=args.token, role=role, reconnect=args.command in ("logs", "submit")
+    ) as client:
+        if args.command == "submit":
+            build = await client.submit(
+                args.repo,
+                args.script,
+                type=args.type,
+                ref=args.ref,
+                env=_pairs(args.env, "--env"),
+                secrets=_pairs(args.secret, "--secret"),
+                timeout=args.timeout,
+            )
+            if args.json and not args.wait:
+                out.json(await client.build(build))
+            elif not args.wait:
+                print(build)
+            if not args.wait:
+                return 0
+            print(f"citron: build {build}", file=sys.stderr)
+            final = await _follow(client, build, out)
+            print(f"citron: build {build} {final.state.value}", file=sys.stderr)
+            return _exit_for(final.state)
+        if args.command == "runners":
+            runners = await client.runners()
+            if out.as_json:
+                out.json(list(runners))
+            else:
+                out.table(["id", "name", "type", "state", "build"], _runner_rows(runners), 3)
+            return 0
+        if args.command == "builds":
+            builds = await client.builds(
+                BuildState(args.state) if args.state else None, args.limit, args.before
+            )
+            if out.as_json:
+                out.json(list(builds))
+            else:
+                out.table(
+                    ["id", "state", "repo", "runner", "started", "duration"], _build_rows(builds), 1
+                )
+            return 0
+        if args.command == "show":
+            _show_build(out, await client.build(args.build))
+            return 0
+        if args.command == "cancel":
+            _show_build(out, await client.cancel(args.build))
+            return 0
+        if args.command == "logs":
+            if args.follow:
+                await _follow(client, args.build, out)
+                return 0
+            info = await client.build(args.build)
+            await _print_stored(client, info, out)
+            return 0
+    raise UsageError(f"unknown command {args.command}")
+
+
+async def _print_stored(client: Client, info: BuildInfo, out: Output) -> None:
+    """Print the log as stored now, without waiting for the build to end."""
+    if info.log_seq == 0:
+        return
+    async for event in client.follow(info.id):
+        if isinstance(event, LogChunk):
+            if out.as_json:
+                print(json.dumps({"seq": event.seq, "log": event.log}))
+            else:
+                sys.stdout.write(event.log)
+            if event.seq >= info.log_seq:
+                break
+    sys.stdout.flush()
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"citron: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return asyncio.run(_guarded(_run(args)))
+    except UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _guarded(work: Coroutine[Any, Any, int]) -> int:
+    try:
+        return await work
+    except UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except AuthError as exc:
+        return _fail(EXIT_NOPERM, str(exc))
+    except ConnectError as exc:
+        return _fail(EXIT_UNAVAILABLE, str(exc))
+    except RequestError as exc:
+        code = EXIT_NOPERM if exc.code == "unauthorized" else EXIT_SERVER_ERROR
+        return _fail(code, f"the server refused: {exc.code}: {exc.message}")
+    except ConnectionLost as exc:
+        return _fail(EXIT_LOST, str(exc))
+    except ValueError as exc:  # a message the protocol refuses (e.g. a short secret)
+        return _fail(EXIT_USAGE, str(exc))
