@@ -7,6 +7,8 @@
 - :class:`SecretMasker`: masks secret values in streamed output.
 """
 
+import logging
+
 from .api import Client, FollowEvent
 from .connection import (
     AuthError,
@@ -19,6 +21,9 @@ from .connection import (
 from .masking import SecretMasker
 from .runner import BuildContext, Runner, RunnerHost, run_runner
 from .simple import SimpleRunner
+
+# A library logs; the application decides where to (citron-runner does).
+logging.getLogger("citron").addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthError",

@@ -112,3 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     return asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

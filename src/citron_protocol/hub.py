@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-from .codec import encode, encode_log_chunk, parse_client, split_client
+from .codec import encode, encode_log_chunk, parse_client, peek_req, split_client
 from .errors import ErrorCode, ProtocolError
 from .messages import (
     BuildInfo,
@@ -358,13 +358,23 @@ class Hub:
             self._error(c, exc.code, exc.message, exc.req)
             return self._flush()
         if role not in c.roles:
-            self._error(c, ErrorCode.UNAUTHORIZED, f"this connection may not use the {role} role")
+            self._error(
+                c,
+                ErrorCode.UNAUTHORIZED,
+                f"this connection may not use the {role} role",
+                peek_req(payload),
+            )
             self._close(c, CloseCode.POLICY, "unauthorized")
             return self._flush()
         if c.role is None:
             c.role = role
         elif role is not c.role:
-            self._error(c, ErrorCode.ROLE_MISMATCH, f"this connection is {c.role}, not {role}")
+            self._error(
+                c,
+                ErrorCode.ROLE_MISMATCH,
+                f"this connection is {c.role}, not {role}",
+                peek_req(payload),
+            )
             return self._flush()
         try:
             message = parse_client(role, command, payload)

@@ -811,3 +811,14 @@ def test_finish_and_leave_takes_no_other_build(h: Harness) -> None:
     assert build_state(h, second) is BuildState.QUEUED
     (runners,) = h.send(api, "API:get_runners:")
     assert runners.runners == ()
+
+
+def test_unauthorized_and_role_mismatch_echo_req(h: Harness) -> None:
+    web = h.connect([Role.WEB])
+    h.send(web, "WEB:get_runners:")
+    (error,) = h.send(web, 'RUNNER:init:{"type": "simple", "req": "m"}')
+    assert (error.code, error.req) == ("unauthorized", "m")
+    conn = h.connect()
+    h.send(conn, "WEB:get_runners:")
+    (error,) = h.send(conn, 'API:get_runners:{"req": "n"}')
+    assert (error.code, error.req) == ("role_mismatch", "n")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ServerFactory
-from .peers import RawClient
+from ..conftest import ServerFactory
+from ..peers import RawClient
 
 
 def run(

@@ -12,8 +12,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from citron_protocol import BuildState
 
-from .conftest import ServerFactory, ServerProc
-from .peers import RawClient, ask, follow, peer, recv, runner, submit
+from ..conftest import ServerFactory, ServerProc
+from ..peers import RawClient, ask, follow, peer, recv, runner, submit
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "legacy-php-runner.jsonl"
 

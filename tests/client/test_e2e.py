@@ -1,0 +1,327 @@
+"""The client side end to end: citron-runner, the citron CLI and the Client
+library against a real citron-server, for both transports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from citron_client import Client, RequestError
+from citron_protocol import BuildState, LogChunk
+
+from ..conftest import ServerFactory, ServerProc
+from .conftest import Spawn, citron, citron_popen, runner_argv
+
+ROOT = Path(__file__).parents[2]
+
+
+def wait_for_runners(server: ServerProc, n: int = 1) -> None:
+    for _ in range(200):
+        result = citron("runners", server.url, "--json")
+        if result.returncode == 0 and len(json.loads(result.stdout)) >= n:
+            return
+        import time
+
+        time.sleep(0.05)
+    raise AssertionError("the runner did not register")
+
+
+def stored_log(server: ServerProc, build: str) -> str:
+    result = citron("logs", server.url, build)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_submit_wait_streams_live_and_exits_with_the_result(
+    server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path: Path
+) -> None:
+    spawn(*runner_argv(server.url, "--name", "r1"), log_name="runner")
+    wait_for_runners(server)
+    marker = tmp_path / "go"
+    script = (
+        f"echo first; echo err-line >&2; while [ ! -e {marker} ]; do sleep 0.02; done; echo second"
+    )
+    proc = citron_popen(
+        "submit",
+        server.url,
+        "--repo",
+        str(git_repo),
+        "--script",
+        "bash build.sh",
+        "--script",
+        script,
+        "--wait",
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # "first" arrives while the build still waits for the marker
+        seen.append(line)
+        if line == "first\n":
+            break
+    marker.touch()
+    rest, err = proc.communicate(timeout=30)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, err
+    assert "$ git clone" in output
+    assert output.index("built from main") < output.index("first") < output.index("err-line")
+    assert output.index("err-line") < output.index("second")
+    failing = citron("submit", server.url, "--repo", str(git_repo), "--script", "exit 3", "--wait")
+    assert failing.returncode == 1
+    assert "exited with code 3" in failing.stdout
+
+
+def test_ref_env_and_a_failed_clone(server: ServerProc, spawn: Spawn, git_repo: Path) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    ok = citron(
+        "submit",
+        server.url,
+        "--repo",
+        str(git_repo),
+        "--ref",
+        "v1",
+        "--env",
+        "GREETING=hi there",
+        "--script",
+        'echo "$GREETING"; git describe --tags',
+        "--wait",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "hi there\nv1\n" in ok.stdout
+    missing = citron(
+        "submit", server.url, "--repo", str(git_repo / "nope"), "--script", "true", "--wait"
+    )
+    assert missing.returncode == 1
+    assert "exited with code 128" in missing.stdout
+    # The runner survived both.
+    again = citron("submit", server.url, "--repo", str(git_repo), "--script", "true", "--wait")
+    assert again.returncode == 0
+
+
+def test_a_multibyte_character_split_across_reads(
+    server: ServerProc, spawn: Spawn, git_repo: Path
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    script = r"printf 'caf\xc3'; sleep 0.4; printf '\xa9 \xff end\n'"
+    result = citron("submit", server.url, "--repo", str(git_repo), "--script", script, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "café \ufffd end\n" in result.stdout
+
+
+def test_cancel_kills_the_whole_build(server: ServerProc, spawn: Spawn, git_repo: Path) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    tag = "600.4242"
+    submitted = citron(
+        "submit", server.url, "--repo", str(git_repo), "--script", f"sleep {tag} & sleep {tag}"
+    )
+    build = submitted.stdout.strip()
+    for _ in range(200):
+        if subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 0:
+            break
+        import time
+
+        time.sleep(0.05)
+    cancelled = citron("cancel", server.url, build)
+    assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
+    for _ in range(200):
+        shown = json.loads(citron("show", server.url, build, "--json").stdout)
+        if shown["state"] == "cancelled":
+            break
+        import time
+
+        time.sleep(0.05)
+    assert shown["state"] == "cancelled"
+    assert subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 1
+    assert "[citron-runner] cancelled" in stored_log(server, build)
+
+
+def test_server_restart_mid_build_loses_no_line(
+    server: ServerProc, spawn: Spawn, git_repo: Path
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    script = "for i in $(seq 1 300); do echo line $i; sleep 0.01; done"
+    build = citron("submit", server.url, "--repo", str(git_repo), "--script", script).stdout.strip()
+    for _ in range(400):
+        log = stored_log(server, build)
+        if "line 40\n" in log:
+            break
+    server.kill9()
+    server.restart()
+    for _ in range(600):
+        shown = json.loads(citron("show", server.url, build, "--json").stdout)
+        if shown["state"] != "running":
+            break
+        import time
+
+        time.sleep(0.05)
+    assert shown["state"] == "success", shown
+    assert shown["attempt"] == 1
+    lines = [line for line in stored_log(server, build).splitlines() if line.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(1, 301)]
+
+
+def test_the_custom_runner_from_the_docs(server: ServerProc, spawn: Spawn, tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "howto-runner.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[0]
+    assert len(code.strip().splitlines()) <= 30
+    path = tmp_path / "word_counter.py"
+    path.write_text(code)
+    spawn(sys.executable, str(path), server.url, log_name="custom")
+    wait_for_runners(server)
+    result = citron(
+        "submit",
+        server.url,
+        "--repo",
+        "anything",
+        "--type",
+        "words",
+        "--script",
+        "one two three",
+        "--script",
+        "four",
+        "--wait",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'one two three': 3 words\n" in result.stdout and "total: 4\n" in result.stdout
+
+
+async def test_secrets_never_reach_the_log_or_a_front(
+    server: ServerProc, spawn: Spawn, git_repo: Path
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    await asyncio.to_thread(wait_for_runners, server)
+    secret = "s3cr3t-value-42"
+    script = (
+        'echo "whole: $TOKEN"; printf "split: %s" "${TOKEN:0:6}"; sleep 0.5;'
+        ' printf "%s\\n" "${TOKEN:6}"'
+    )
+    async with Client(server.url) as api:
+        build = await api.submit(str(git_repo), [script], secrets={"TOKEN": secret})
+        seen = []
+        async with Client(server.url) as front:
+            async for event in front.follow(build):
+                seen.append(event.log if isinstance(event, LogChunk) else repr(event))
+        info = await api.build(build)
+    assert info.state is BuildState.SUCCESS
+    live = "".join(seen)
+    assert "whole: ***" in live and "split: ***" in live
+    assert secret not in live and secret[:6] not in live.replace("***", "")
+    stored = await asyncio.to_thread(stored_log, server, build)
+    assert secret not in stored and "split: ***\n" in stored
+    assert secret.encode() not in server.db.read_bytes()
+    short = await asyncio.to_thread(
+        citron, "submit", server.url, "--repo", "r", "--script", "true", "--secret", "A=abc"
+    )
+    assert short.returncode == 64 and "at least 4" in short.stderr
+
+
+async def test_the_client_library(server: ServerProc) -> None:
+    async with Client(server.url) as api:
+        build = await api.submit("https://x/r.git", ["make"], type="nobody")
+        assert [b.id for b in await api.builds()] == [build]
+        assert (await api.build(build)).state is BuildState.QUEUED
+        assert await api.runners() == ()
+        with pytest.raises(RequestError) as info:
+            await api.build("nope")
+        assert info.value.code == "unknown_build"
+        assert (await api.cancel(build)).state is BuildState.CANCELLED
+        with pytest.raises(RequestError) as info:
+            await api.cancel(build)
+        assert info.value.code == "bad_state"
+        events = [e async for e in api.follow(build)]
+        assert events[-1].build.state is BuildState.CANCELLED
+
+
+async def test_a_follower_survives_a_server_restart(
+    server: ServerProc, spawn: Spawn, git_repo: Path
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    await asyncio.to_thread(wait_for_runners, server)
+    script = "for i in $(seq 1 200); do echo line $i; sleep 0.01; done"
+    async with Client(server.url, backoff_cap=0.5) as api:
+        build = await api.submit(str(git_repo), [script])
+    chunks: list[LogChunk] = []
+    async with Client(server.url, backoff_cap=0.5) as front:
+        restarted = False
+        async for event in front.follow(build):
+            if isinstance(event, LogChunk):
+                chunks.append(event)
+                if not restarted and "line 50\n" in event.log:
+                    restarted = True
+                    await asyncio.to_thread(server.kill9)
+                    await asyncio.to_thread(server.restart)
+    assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))
+    lines = [line for c in chunks for line in c.log.splitlines() if line.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(1, 201)]
+
+
+def test_cli_errors_are_one_line_with_distinct_codes(server_factory: ServerFactory) -> None:
+    server = server_factory("--api-token", "a", "--web-token", "w")
+    cases = [
+        (["runners", "ws://127.0.0.1:9/ws"], 69, "cannot connect"),
+        (["runners", "http://nope"], 69, "not a WebSocket URL"),
+        (["runners", server.url, "--token", "wrong"], 77, "refused the token"),
+        (["runners", server.url], 77, "unauthorized"),
+        (["show", server.url, "nope", "--token", "a"], 65, "unknown_build"),
+        (["submit", server.url, "--token", "w", "--role", "web"], 64, ""),
+        (["submit", server.url, "--repo", "r"], 64, "--script"),
+        (
+            [
+                "submit",
+                server.url,
+                "--repo",
+                "r",
+                "--script",
+                "x",
+                "--env",
+                "novalue",
+                "--token",
+                "a",
+            ],
+            64,
+            "NAME=VALUE",
+        ),
+        (["bogus"], 64, "invalid choice"),
+        (["cancel", server.url, "nope", "--token", "a"], 65, "unknown_build"),
+    ]
+    for args, code, needle in cases:
+        result = citron(*args)
+        assert result.returncode == code, (args, result.returncode, result.stderr)
+        assert result.stderr.startswith("citron: error: "), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert needle in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_web_token_cannot_submit(server_factory: ServerFactory) -> None:
+    server = server_factory("--api-token", "a", "--web-token", "w")
+    result = citron("submit", server.url, "--repo", "r", "--script", "x", "--token", "w")
+    assert result.returncode == 77 and "unauthorized" in result.stderr
+
+
+def test_tables_and_json(server: ServerProc) -> None:
+    build = citron(
+        "submit", server.url, "--repo", "https://x/r.git", "--script", "make", "--type", "t"
+    ).stdout.strip()
+    table = citron("builds", server.url).stdout.splitlines()
+    assert table[0].split() == ["ID", "STATE", "REPO", "RUNNER", "STARTED", "DURATION"]
+    assert table[1].split()[:3] == [build, "queued", "https://x/r.git"]
+    as_json = json.loads(citron("builds", server.url, "--json", "--state", "queued").stdout)
+    assert [b["id"] for b in as_json] == [build]
+    shown = citron("show", server.url, build).stdout
+    assert f"id:        {build}" in shown and "  make" in shown
+    assert (
+        json.loads(citron("submit", server.url, "--repo", "r", "--script", "x", "--json").stdout)[
+            "state"
+        ]
+        == "queued"
+    )

@@ -1,0 +1,46 @@
+"""Secret masking over any split of the output."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from citron_client import SecretMasker
+
+secrets = st.lists(st.text(alphabet="abcxyz", min_size=4, max_size=8), min_size=1, max_size=3)
+
+
+@given(secrets, st.lists(st.text(alphabet="abcxyz \n", max_size=20), max_size=6), st.data())
+def test_no_secret_survives_any_split(
+    values: list[str], fillers: list[str], data: st.DataObject
+) -> None:
+    # Text with the secrets in it, cut into chunks at arbitrary points.
+    parts = []
+    for i, filler in enumerate(fillers):
+        parts.append(filler)
+        parts.append(values[i % len(values)])
+    text = "".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    masker = SecretMasker(values)
+    out = [masker.feed(chunk) for chunk in chunks] + [masker.flush()]
+    joined = "".join(out)
+    for value in values:
+        assert value not in joined
+    assert "".join(out).replace("***", "") == _strip(text, values).replace("***", "")
+
+
+def _strip(text: str, values: list[str]) -> str:
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def test_text_without_secrets_passes_through() -> None:
+    masker = SecretMasker([])
+    assert masker.feed("hello") == "hello"
+    masker = SecretMasker(["hunter22"])
+    assert masker.feed("hello hun") == "hello "
+    assert masker.feed("ter22 and hunt") == "*** and "
+    assert masker.feed("ing") == "hunting"
+    assert masker.flush() == ""
