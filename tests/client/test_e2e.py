@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,6 @@ def wait_for_runners(server: ServerProc, n: int = 1) -> None:
         result = citron("runners", server.url, "--json")
         if result.returncode == 0 and len(json.loads(result.stdout)) >= n:
             return
-        import time
-
         time.sleep(0.05)
     raise AssertionError("the runner did not register")
 
@@ -126,8 +125,6 @@ def test_cancel_kills_the_whole_build(server: ServerProc, spawn: Spawn, git_repo
     for _ in range(200):
         if subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 0:
             break
-        import time
-
         time.sleep(0.05)
     cancelled = citron("cancel", server.url, build)
     assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
@@ -135,8 +132,6 @@ def test_cancel_kills_the_whole_build(server: ServerProc, spawn: Spawn, git_repo
         shown = json.loads(citron("show", server.url, build, "--json").stdout)
         if shown["state"] == "cancelled":
             break
-        import time
-
         time.sleep(0.05)
     assert shown["state"] == "cancelled"
     assert subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 1
@@ -160,8 +155,6 @@ def test_server_restart_mid_build_loses_no_line(
         shown = json.loads(citron("show", server.url, build, "--json").stdout)
         if shown["state"] != "running":
             break
-        import time
-
         time.sleep(0.05)
     assert shown["state"] == "success", shown
     assert shown["attempt"] == 1
