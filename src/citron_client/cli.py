@@ -109,6 +109,42 @@ def build_parser() -> _Parser:
     p.add_argument("--follow", "-f", action="store_true", help="follow until the build ends")
     p = command("cancel", "cancel a build")
     p.add_argument("build")
+
+    def tokens(p: _Parser) -> None:
+        for role in ("runner", "api", "web"):
+            p.add_argument(
+                f"--{role}-token", help=f"token for {role.upper()} frames (default --token)"
+            )
+
+    p = command("fuzz", "send frames drawn from citron_protocol.strategies; check every answer")
+    tokens(p)
+    p.add_argument("--role", choices=["RUNNER", "API", "WEB", "ALL"], default="ALL", type=str.upper)
+    p.add_argument("--frames", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=None, help="default: random, printed")
+    p.add_argument("--connections", type=int, default=1, help="connections per role")
+    p.add_argument("--max-frame", type=int, default=1024 * 1024, help="the server's frame limit")
+    p.add_argument(
+        "--replay", metavar="FRAME", help="send this one frame (a JSON string) and check it"
+    )
+
+    p = sub.add_parser(
+        "conformance",
+        help="check a server (URL) or a runner (--runner -- COMMAND...) against docs/protocol.md",
+    )
+    p.add_argument("url", nargs="?", help="the server's WebSocket URL")
+    p.add_argument("--token", default=os.environ.get("CITRON_TOKEN"))
+    tokens(p)
+    p.add_argument("--runner", action="store_true", help="check the runner command given after --")
+    p.add_argument("--lost-grace", type=float, default=60.0, help="the server's lost grace (s)")
+    p.add_argument(
+        "--cancel-timeout", type=float, default=30.0, help="the server's cancel timeout (s)"
+    )
+    p.add_argument("--max-wait", type=float, default=20.0, help="skip checks that wait longer (s)")
+    p.add_argument(
+        "--cancel-grace", type=float, default=15.0, help="runner: time to end a cancelled build (s)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("command_argv", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -227,7 +263,81 @@ def _exit_for(state: BuildState) -> int:
     return EXIT_CANCELLED
 
 
+def _tokens(args: argparse.Namespace) -> dict[Role, str | None]:
+    return {
+        Role.RUNNER: args.runner_token or args.token,
+        Role.API: args.api_token or args.token,
+        Role.WEB: args.web_token or args.token,
+    }
+
+
+async def _fuzz(args: argparse.Namespace) -> int:
+    import random
+
+    from .fuzz import Fuzzer
+
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    roles = list(Role) if args.role == "ALL" else [Role(args.role)]
+    fuzzer = Fuzzer(
+        args.url,
+        _tokens(args),
+        roles=roles,
+        frames=args.frames,
+        seed=seed,
+        connections=max(args.connections, 1),
+        max_frame=args.max_frame,
+    )
+    if args.replay is not None:
+        if len(roles) != 1:
+            raise UsageError("--replay needs one --role")
+        try:
+            frame = json.loads(args.replay)
+        except ValueError:
+            frame = args.replay
+        report = await fuzzer.replay(roles[0], str(frame))
+    else:
+        report = await fuzzer.run()
+    report.print(args.url, seed, sys.stdout)
+    return 1 if report.violations else 0
+
+
+async def _conformance(args: argparse.Namespace) -> int:
+    from .conformance import RunnerConformance, ServerConformance, print_results
+
+    if args.runner:
+        if not args.command_argv:
+            raise UsageError("conformance --runner needs the runner command after --")
+        results = await RunnerConformance(args.command_argv, cancel_grace=args.cancel_grace).run()
+        title = f"citron conformance --runner -- {' '.join(args.command_argv)}"
+    else:
+        if not args.url or args.command_argv:
+            raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
+        checker = ServerConformance(
+            args.url,
+            _tokens(args),
+            lost_grace=args.lost_grace,
+            cancel_timeout=args.cancel_timeout,
+            max_wait=args.max_wait,
+        )
+        results = await checker.run()
+        title = f"citron conformance {args.url}"
+    if args.json:
+        print(
+            json.dumps(
+                [{"check": r.name, "status": r.status, "detail": r.detail} for r in results],
+                indent=2,
+            )
+        )
+    else:
+        print_results(title, results)
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "fuzz":
+        return await _fuzz(args)
+    if args.command == "conformance":
+        return await _conformance(args)
     out = Output(args.json)
     role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
     async with Client(
@@ -308,8 +418,17 @@ def _fail(code: int, message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # conformance --runner -- COMMAND...
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     try:
         args = build_parser().parse_args(argv)
+        if command:
+            if args.command != "conformance":
+                raise UsageError("only conformance --runner takes a command after --")
+            args.command_argv = command
         return asyncio.run(_guarded(_run(args)))
     except UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))

@@ -1,0 +1,182 @@
+"""citron fuzz and citron conformance: they pass on citron, and they can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from citron_protocol import CountingIds, Effects, Hub, MemoryStore, Role
+
+from ..conftest import ServerFactory
+from .conftest import citron, runner_argv
+
+
+def test_conformance_passes_on_citron_server(server_factory: ServerFactory) -> None:
+    # One token opens RUNNER and API (role_mismatch), another WEB (unauthorized).
+    tokens = ["--runner-token", "at", "--api-token", "at", "--web-token", "wt"]
+    server = server_factory("--lost-grace", "1", "--cancel-timeout", "1", *tokens)
+    result = citron(
+        "conformance",
+        server.url,
+        "--lost-grace",
+        "1",
+        "--cancel-timeout",
+        "1",
+        *tokens,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "13 passed, 0 failed, 0 skipped" in result.stdout
+    assert "12 codes" in result.stdout  # unauthorized too, with role tokens
+
+
+def test_conformance_skips_long_timers(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    result = citron("conformance", server.url, "--max-wait", "5", timeout=180)
+    assert result.returncode == 0, result.stdout
+    skipped = "runner_loss_requeue  SKIP  the lost grace (60 s) is longer than --max-wait"
+    assert skipped in result.stdout
+    assert "11 passed, 0 failed, 2 skipped" in result.stdout
+
+
+def test_fuzz_passes_on_citron_server(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    result = citron(
+        "fuzz", server.url, "--frames", "1500", "--seed", "7", "--role", "all", timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "violations: 0" in result.stdout
+    assert "health checks passed: 2" in result.stdout
+    for kind in ("valid", "invalid", "legacy", "binary", "oversized", "out_of_order", "flood"):
+        assert f"  {kind} " in result.stdout
+
+
+def test_conformance_runner_passes_on_citron_runner() -> None:
+    result = citron("conformance", "--runner", "--", *runner_argv("")[:-1], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed, 0 failed" in result.stdout
+
+
+# -- broken implementations ------------------------------------------------------------
+
+
+@pytest.fixture
+async def broken_server() -> AsyncIterator[str]:
+    """citron's hub with one bug: it answers WEB:run with queued."""
+    hub = Hub(CountingIds())
+    store = MemoryStore()
+    conns: dict[int, ServerConnection] = {}
+
+    async def apply(fx: Effects) -> None:
+        store.apply(fx.records)
+        for conn, text in fx.sends:
+            ws = conns.get(conn)  # type: ignore[call-overload]
+            if ws is not None:
+                await ws.send(text)
+        for close in fx.closes:
+            ws = conns.get(close.conn)  # type: ignore[call-overload]
+            if ws is not None:
+                await ws.close(close.code, close.reason)
+        for load in fx.loads:
+            chunks = store.read_log(load.build, load.after, load.until, load.limit)
+            await apply(hub.log_loaded(load.request, chunks, time.time()))
+
+    async def handler(ws: ServerConnection) -> None:
+        cid = id(ws)
+        conns[cid] = ws
+        await apply(hub.connect(cid, list(Role), time.time()))
+        try:
+            async for text in ws:
+                if isinstance(text, str) and text.startswith("WEB:run:"):
+                    await ws.send('queued:{"build": "b-broken"}')  # the bug
+                elif isinstance(text, str):
+                    await apply(hub.receive(cid, text, time.time()))
+                else:
+                    await apply(hub.receive_binary(cid, time.time()))
+        except Exception:  # noqa: BLE001 - a closed peer
+            pass
+        finally:
+            conns.pop(cid, None)
+            await apply(hub.disconnect(cid, time.time()))
+
+    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=1024 * 1024) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_conformance_fails_on_a_broken_server(broken_server: str) -> None:
+    result = await asyncio.to_thread(
+        citron, "conformance", broken_server, "--max-wait", "2", timeout=180
+    )
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if "permissions" in line)
+    assert "FAIL" in line and "WEB:run" in line
+
+
+async def test_fuzz_fails_on_a_broken_server(broken_server: str) -> None:
+    result = await asyncio.to_thread(
+        citron,
+        "fuzz",
+        broken_server,
+        "--frames",
+        "1500",
+        "--seed",
+        "7",
+        "--role",
+        "WEB",
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "answered reply:queued, expected error:forbidden" in result.stdout
+    assert "--replay '\"WEB:run:" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if "--replay" in line)
+    replay = line.split("--replay ", 1)[1]
+    again = await asyncio.to_thread(
+        citron, "fuzz", broken_server, "--role", "WEB", "--replay", replay.strip("'"), timeout=60
+    )
+    assert again.returncode == 1 and "violations: 1" in again.stdout
+
+
+BROKEN_RUNNER = """
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def main():
+    async with connect(sys.argv[-1]) as ws:
+        await ws.send('RUNNER:init:{"type": "broken", "protocol": 1}')
+        async for text in ws:
+            if text.startswith("run:"):  # the bug: no output, always success
+                await ws.send('RUNNER:process:{"finished": true, "success": true}')
+
+asyncio.run(main())
+"""
+
+
+def test_conformance_runner_fails_on_a_broken_runner(tmp_path: Path) -> None:
+    path = tmp_path / "broken_runner.py"
+    path.write_text(BROKEN_RUNNER)
+    result = citron(
+        "conformance",
+        "--runner",
+        "--cancel-grace",
+        "3",
+        "--",
+        sys.executable,
+        str(path),
+        timeout=180,
+    )
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if "build_and_log" in line)
+    assert "FAIL" in line and "output is missing" in line
+
+
+def test_conformance_usage_errors() -> None:
+    assert citron("conformance").returncode == 64
+    assert citron("conformance", "--runner").returncode == 64
+    assert citron("runners", "ws://x/ws", "--", "echo").returncode == 64
