@@ -1,0 +1,449 @@
+"""``python -m bench [--quick] [--transport websockets|aiohttp|both] [--json PATH]``
+
+Prints one table (figure, citron, baseline, ratio, target, PASS/MISS) and
+writes the results as JSON. Servers and load generators run in separate
+processes over loopback; compression is off on both sides of every pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from citron_protocol import decode, encode
+
+ROOT = Path(__file__).parents[1]
+FRAME = 'RUNNER:process:{"finished":false,"log":"' + "x" * 79 + '\\n"}'
+
+
+class Server:
+    """A server process that prints its port (or citron's start-up lines)."""
+
+    def __init__(self, argv: list[str], citron: bool) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if citron:
+            self.port = int(line.rsplit(":", 1)[1].split("/")[0])
+            for _ in range(3):
+                self.proc.stdout.readline()
+        else:
+            self.port = int(line)
+        time.sleep(0.2)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident memory in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def citron_server(transport: str, db: str, *extra: str) -> Server:
+    return Server(
+        [
+            sys.executable,
+            "-m",
+            "citron_server",
+            "--port",
+            "0",
+            "--transport",
+            transport,
+            "--db",
+            db,
+            "--compression",
+            "off",
+            "--log-level",
+            "ERROR",
+            "--max-buffer",
+            str(8 << 20),
+            *extra,
+        ],
+        citron=True,
+    )
+
+
+def relay_server(transport: str) -> Server:
+    return Server([sys.executable, "-m", "bench.relay", transport], citron=False)
+
+
+def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def rate_of(runs: int, spec: dict[str, Any]) -> float:
+    """The best rate of ``runs`` runs of a relay scenario."""
+    return max(loadgen(spec)["rate"] for _ in range(runs))
+
+
+class Bench:
+    def __init__(self, quick: bool, transports: list[str]) -> None:
+        self.quick = quick
+        self.transports = transports
+        self.rows: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.tmp = tempfile.mkdtemp(prefix="citron-bench-")
+        self.live_1: dict[str, float] = {}
+        self.sqlite_10: dict[str, float] = {}
+
+    def row(
+        self, figure: str, transport: str, value: float, baseline: float, target: str, unit: str
+    ) -> None:
+        ratio = value / baseline if baseline else float("nan")
+        op, bound = target.split(" ")
+        ok = ratio >= float(bound) if op == ">=" else ratio <= float(bound)
+        self.rows.append(
+            {
+                "figure": figure,
+                "transport": transport,
+                "citron": value,
+                "baseline": baseline,
+                "ratio": ratio,
+                "target": target,
+                "result": "PASS" if ok else "MISS",
+                "unit": unit,
+            }
+        )
+        print(
+            f"  {figure:44} {transport:10} {value:12.1f} {baseline:12.1f} {ratio:7.2f} "
+            f"{target:7} {'PASS' if ok else 'MISS'}  ({unit})",
+            flush=True,
+        )
+
+    def db(self, name: str) -> str:
+        path = os.path.join(self.tmp, name)
+        for suffix in ("", "-wal", "-shm"):
+            with_suffix = path + suffix
+            if os.path.exists(with_suffix):
+                os.remove(with_suffix)
+        return path
+
+    # -- figures ---------------------------------------------------------------------
+
+    def codec(self) -> None:
+        n = 20_000 if self.quick else 200_000
+        message = decode(FRAME)
+
+        def base_round_trip() -> None:
+            role, command, payload = FRAME.split(":", 2)
+            f"{role}:{command}:" + orjson.dumps(orjson.loads(payload)).decode()
+
+        def citron_round_trip() -> None:
+            encode(decode(FRAME))
+
+        def base_decode() -> None:
+            orjson.loads(FRAME.split(":", 2)[2])
+
+        def citron_decode() -> None:
+            decode(FRAME)
+
+        assert encode(message) == FRAME.replace("\\n", "\\n")
+        for figure, mine, theirs in [
+            ("codec round trip (log frame)", citron_round_trip, base_round_trip),
+            ("codec decode (log frame)", citron_decode, base_decode),
+        ]:
+            rate = n / min(timeit.repeat(mine, number=n, repeat=3))
+            base = n / min(timeit.repeat(theirs, number=n, repeat=3))
+            self.row(figure, "-", rate, base, ">= 0.5", "frames/s")
+
+    def relay(self, transport: str) -> None:
+        sizes = (
+            [(1, 3000, 0.6), (10, 2000, 0.8), (100, 300, 0.8)]
+            if self.quick
+            else [(1, 30000, 0.6), (10, 20000, 0.8), (100, 3000, 0.8)]
+        )
+        runs = 1 if self.quick else 3
+        for readers, lines, target in sizes:
+            server = citron_server(transport, self.db(f"relay-{transport}-{readers}.db"))
+            try:
+                mine = rate_of(
+                    runs,
+                    {
+                        "scenario": "relay",
+                        "kind": "citron",
+                        "url": f"ws://127.0.0.1:{server.port}/ws",
+                        "readers": readers,
+                        "lines": lines,
+                    },
+                )
+            finally:
+                server.stop()
+            relay = relay_server(transport)
+            try:
+                base = rate_of(
+                    runs,
+                    {
+                        "scenario": "relay",
+                        "kind": "raw",
+                        "url": f"ws://127.0.0.1:{relay.port}/ws",
+                        "readers": readers,
+                        "lines": lines,
+                    },
+                )
+            finally:
+                relay.stop()
+            self.row(
+                f"log relay, {readers} front(s)",
+                transport,
+                mine,
+                base,
+                f">= {target}",
+                "lines/s per front",
+            )
+            if readers == 1:
+                self.live_1[transport] = mine
+            if readers == 10:
+                self.sqlite_10[transport] = mine
+
+    def socketio(self, transport: str) -> None:
+        readers, lines = (10, 2000) if self.quick else (10, 20000)
+        runs = 1 if self.quick else 3
+        sio = Server([sys.executable, "-m", "bench.sio_server"], citron=False)
+        try:
+            base = rate_of(
+                runs,
+                {
+                    "scenario": "relay",
+                    "kind": "sio",
+                    "url": f"http://127.0.0.1:{sio.port}",
+                    "readers": readers,
+                    "lines": lines,
+                },
+            )
+        finally:
+            sio.stop()
+        self.row(
+            "log relay, 10 fronts vs python-socketio",
+            transport,
+            self.sqlite_10[transport],
+            base,
+            ">= 1.5",
+            "lines/s per front",
+        )
+
+    def persistence(self, transport: str) -> None:
+        lines = 2000 if self.quick else 20000
+        runs = 1 if self.quick else 3
+        server = citron_server(transport, ":memory:")
+        try:
+            memory = rate_of(
+                runs,
+                {
+                    "scenario": "relay",
+                    "kind": "citron",
+                    "url": f"ws://127.0.0.1:{server.port}/ws",
+                    "readers": 10,
+                    "lines": lines,
+                },
+            )
+        finally:
+            server.stop()
+        self.row(
+            "persistence: 10 fronts, SQLite vs :memory:",
+            transport,
+            self.sqlite_10[transport],
+            memory,
+            ">= 0.85",
+            "lines/s per front",
+        )
+
+    def idle(self, transport: str) -> None:
+        connections = 300 if self.quick else 5000
+        samples = 20 if self.quick else 100
+        results = {}
+        for kind in ("citron", "raw"):
+            if kind == "citron":
+                server = citron_server(transport, self.db(f"idle-{transport}.db"))
+                url = f"ws://127.0.0.1:{server.port}/ws"
+            else:
+                server = relay_server(transport)
+                url = f"ws://127.0.0.1:{server.port}/ws"
+            try:
+                time.sleep(0.5)
+                before = server.rss()
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.loadgen",
+                        json.dumps(
+                            {
+                                "scenario": "idle",
+                                "kind": kind,
+                                "url": url,
+                                "connections": connections,
+                                "samples": samples,
+                            }
+                        ),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+                assert proc.stdout is not None and proc.stdin is not None
+                opened = json.loads(proc.stdout.readline())
+                time.sleep(1.0)
+                after = server.rss()
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                latency = json.loads(proc.stdout.readline())["median"]
+                proc.wait(60)
+                results[kind] = ((after - before) / connections, latency, opened["nofile"])
+            finally:
+                server.stop()
+        self.notes.append(
+            f"open-file limit raised to {results['citron'][2]} for {connections} sockets"
+        )
+        self.row(
+            f"memory per idle runner ({connections})",
+            transport,
+            results["citron"][0],
+            results["raw"][0],
+            "<= 1.5",
+            "bytes/connection",
+        )
+        self.row(
+            f"dispatch latency, {connections} idle runners",
+            transport,
+            results["citron"][1] * 1e6,
+            results["raw"][1] * 1e6,
+            "<= 2.0",
+            "µs median (echo RTT baseline)",
+        )
+
+    def replay(self, transport: str) -> None:
+        lines = 5000 if self.quick else 100_000
+        db = self.db(f"replay-{transport}.db")
+        server = citron_server(transport, db)
+        try:
+            filled = loadgen(
+                {"scenario": "fill", "url": f"ws://127.0.0.1:{server.port}/ws", "lines": lines}
+            )
+        finally:
+            server.stop()
+        server = citron_server(transport, db)  # a restart: the log is only in SQLite
+        try:
+            rate = loadgen(
+                {
+                    "scenario": "replay",
+                    "url": f"ws://127.0.0.1:{server.port}/ws",
+                    "build": filled["build"],
+                    "lines": lines,
+                }
+            )["rate"]
+        finally:
+            server.stop()
+        self.row(
+            f"log replay after restart ({lines} chunks)",
+            transport,
+            rate,
+            self.live_1[transport],
+            ">= 1.0",
+            "chunks/s vs live 1-front lines/s",
+        )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: proves the benchmarks run"
+    )
+    parser.add_argument("--transport", choices=["websockets", "aiohttp", "both"], default="both")
+    parser.add_argument(
+        "--json", default=str(ROOT / "bench" / "results.json"), help="where to write results"
+    )
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    transports = ["websockets", "aiohttp"] if args.transport == "both" else [args.transport]
+    bench = Bench(args.quick, transports)
+    mode = " (quick)" if args.quick else ""
+    print(
+        f"citron benchmarks{mode}: {cpu_model()}, Python {platform.python_version()},"
+        f" open files raised {soft} -> {hard}"
+    )
+    header = f"{'citron':>12} {'baseline':>12} {'ratio':>7} {'target':7} result"
+    print(f"  {'figure':44} {'transport':10} {header}")
+    bench.codec()
+    for transport in transports:
+        bench.relay(transport)
+        bench.socketio(transport)
+        bench.persistence(transport)
+        bench.idle(transport)
+        bench.replay(transport)
+    for note in bench.notes:
+        print(f"note: {note}")
+    misses = [r for r in bench.rows if r["result"] == "MISS"]
+    print(f"{len(bench.rows) - len(misses)} PASS, {len(misses)} MISS")
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(),
+                "quick": args.quick,
+                "python": platform.python_version(),
+                "rows": bench.rows,
+                "notes": bench.notes,
+                "median_ratio": statistics.median(r["ratio"] for r in bench.rows),
+            },
+            indent=2,
+        )
+    )
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

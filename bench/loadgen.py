@@ -1,0 +1,283 @@
+"""The load generator: runs in its own process, talks to a server over
+loopback, prints its result as one JSON line.
+
+    python -m bench.loadgen '{"scenario": "relay", ...}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+LINE = "x" * 99 + "\n"  # a 100-byte log line
+WINDOW = 400  # lines in flight before the writer waits for the slowest reader
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def ws_connect(url: str) -> Any:
+    return await connect(
+        url, compression=None, max_size=None, max_queue=None, open_timeout=60, ping_interval=None
+    )
+
+
+class Counter:
+    """Counts what the readers got; wakes the writer when it may go on."""
+
+    def __init__(self, readers: int) -> None:
+        self.counts = [0] * readers
+        self.event = asyncio.Event()
+
+    def low(self) -> int:
+        return min(self.counts)
+
+    def add(self, i: int) -> None:
+        self.counts[i] += 1
+        if self.counts[i] % 50 == 0:
+            self.event.set()
+
+
+async def write_windowed(send: Any, frame: str, n: int, counter: Counter) -> None:
+    for sent in range(n):
+        while sent - counter.low() > WINDOW:
+            counter.event.clear()
+            await counter.event.wait()
+        await send(frame)
+
+
+async def wait_all(counter: Counter, n: int) -> None:
+    while counter.low() < n:
+        counter.event.clear()
+        await asyncio.wait_for(counter.event.wait(), 60)
+
+
+# -- relay ---------------------------------------------------------------------------
+
+
+async def relay_citron(url: str, readers: int, n: int) -> float:
+    kind = f"bench-{time.monotonic_ns()}"
+    runner = await ws_connect(url)
+    await runner.send(f'RUNNER:init:{{"type": "{kind}", "protocol": 1}}')
+    await runner.recv()
+    api = await ws_connect(url)
+    await api.send(f'API:run:{{"repo": "bench", "script": [], "type": "{kind}"}}')
+    build = json.loads((await api.recv()).split(":", 1)[1])["build"]
+    await runner.recv()  # run:
+    counter = Counter(readers)
+    fronts = [await ws_connect(url) for _ in range(readers)]
+    for front in fronts:
+        await front.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+        await front.recv()  # subscribed
+        await front.recv()  # state
+
+    async def read(i: int, ws: Any) -> None:
+        async for text in ws:
+            if text.startswith("log:"):
+                counter.add(i)
+                if counter.counts[i] >= n:
+                    counter.event.set()
+                    return
+
+    tasks = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(fronts)]
+    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
+    start = time.perf_counter()
+    await write_windowed(runner.send, frame, n, counter)
+    await wait_all(counter, n)
+    elapsed = time.perf_counter() - start
+    await runner.send('RUNNER:process:{"finished":true,"success":true}')
+    for task in tasks:
+        task.cancel()
+    for ws in [runner, api, *fronts]:
+        await ws.close()
+    return n / elapsed
+
+
+async def relay_raw(url: str, readers: int, n: int) -> float:
+    counter = Counter(readers)
+    fronts = []
+    for _ in range(readers):
+        ws = await ws_connect(url)
+        await ws.send("reader")
+        fronts.append(ws)
+    writer = await ws_connect(url)
+    await writer.send("writer")
+    await asyncio.sleep(0.2)  # let the server see the readers
+
+    async def read(i: int, ws: Any) -> None:
+        async for _ in ws:
+            counter.add(i)
+            if counter.counts[i] >= n:
+                counter.event.set()
+                return
+
+    tasks = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(fronts)]
+    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
+    start = time.perf_counter()
+    await write_windowed(writer.send, frame, n, counter)
+    await wait_all(counter, n)
+    elapsed = time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    for ws in [writer, *fronts]:
+        await ws.close()
+    return n / elapsed
+
+
+async def relay_sio(url: str, readers: int, n: int) -> float:
+    import socketio
+
+    counter = Counter(readers)
+    clients = []
+    for i in range(readers):
+        client = socketio.AsyncClient()
+
+        def on_line(data: str, i: int = i) -> None:
+            counter.add(i)
+            if counter.counts[i] >= n:
+                counter.event.set()
+
+        client.on("line", on_line)
+        await client.connect(url, transports=["websocket"])
+        await client.call("join")
+        clients.append(client)
+    writer = socketio.AsyncClient()
+    await writer.connect(url, transports=["websocket"])
+
+    async def send(line: str) -> None:
+        await writer.emit("line", line)
+
+    start = time.perf_counter()
+    await write_windowed(send, LINE, n, counter)
+    await wait_all(counter, n)
+    elapsed = time.perf_counter() - start
+    for client in [writer, *clients]:
+        await client.disconnect()
+    return n / elapsed
+
+
+# -- idle connections and dispatch latency ------------------------------------------------
+
+
+async def idle(url: str, kind: str, connections: int, samples: int) -> dict[str, Any]:
+    limit = _raise_nofile()
+    conns = []
+    got_run: asyncio.Queue[float] = asyncio.Queue()
+
+    async def runner_loop(ws: Any) -> None:
+        async for text in ws:
+            if text.startswith("run:"):
+                got_run.put_nowait(time.perf_counter())
+                await ws.send('RUNNER:process:{"finished":true,"success":true}')
+
+    tasks = []
+    for _ in range(connections):
+        ws = await ws_connect(url)
+        if kind == "citron":
+            await ws.send('RUNNER:init:{"type": "idle-bench", "protocol": 1}')
+            await ws.recv()  # ready
+            tasks.append(asyncio.create_task(runner_loop(ws)))
+        else:
+            await ws.send("idle")
+        conns.append(ws)
+    print(json.dumps({"open": connections, "nofile": limit}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # RSS measured
+    latencies = []
+    if kind == "citron":
+        api = await ws_connect(url)
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            await api.send('API:run:{"repo": "bench", "script": [], "type": "idle-bench"}')
+            t1 = await asyncio.wait_for(got_run.get(), 30)
+            await api.recv()  # queued
+            latencies.append(t1 - t0)
+            await asyncio.sleep(0.005)
+        await api.close()
+    else:
+        echo = await ws_connect(url)
+        await echo.send("echo")
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            await echo.send("ping")
+            await echo.recv()
+            latencies.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.005)
+        await echo.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    return {"median": statistics.median(latencies)}
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+async def fill(url: str, n: int) -> dict[str, Any]:
+    runner = await ws_connect(url)
+    await runner.send('RUNNER:init:{"type": "replay-bench", "protocol": 1}')
+    await runner.recv()
+    api = await ws_connect(url)
+    await api.send('API:run:{"repo": "bench", "script": [], "type": "replay-bench"}')
+    build = json.loads((await api.recv()).split(":", 1)[1])["build"]
+    await runner.recv()
+    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
+    for i in range(n):
+        await runner.send(frame)
+        if i % 2000 == 0:
+            await api.send(f'API:get_build:{{"build": "{build}"}}')
+            await api.recv()
+    await runner.send('RUNNER:process:{"finished":true,"success":true}')
+    while True:
+        await api.send(f'API:get_build:{{"build": "{build}"}}')
+        info = json.loads((await api.recv()).split(":", 1)[1])
+        if info["state"] == "success":
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # past a commit period
+    await runner.close()
+    await api.close()
+    return {"build": build, "log_seq": info["log_seq"]}
+
+
+async def replay(url: str, build: str, n: int) -> float:
+    front = await ws_connect(url)
+    start = time.perf_counter()
+    await front.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    got = 0
+    async for text in front:
+        if text.startswith("log:"):
+            got += 1
+            if got >= n:
+                break
+    elapsed = time.perf_counter() - start
+    await front.close()
+    return n / elapsed
+
+
+async def main(spec: dict[str, Any]) -> Any:
+    scenario = spec["scenario"]
+    if scenario == "relay":
+        fn = {"citron": relay_citron, "raw": relay_raw, "sio": relay_sio}[spec["kind"]]
+        return {"rate": await fn(spec["url"], spec["readers"], spec["lines"])}
+    if scenario == "idle":
+        return await idle(spec["url"], spec["kind"], spec["connections"], spec["samples"])
+    if scenario == "fill":
+        return await fill(spec["url"], spec["lines"])
+    if scenario == "replay":
+        return {"rate": await replay(spec["url"], spec["build"], spec["lines"])}
+    raise SystemExit(f"unknown scenario {scenario}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main(json.loads(sys.argv[1])))), flush=True)
