@@ -32,6 +32,7 @@ from .errors import (
     UnknownRole,
 )
 from .messages import (
+    MAX_INT,
     BuildInfo,
     BuildReply,
     Builds,
@@ -79,6 +80,7 @@ __all__ = [
     "decode_server",
     "encode",
     "encode_log_chunk",
+    "fast_runner_log",
     "parse_client",
     "peek_req",
     "repair_legacy_payload",
@@ -410,6 +412,58 @@ def _loads(payload: str, tolerant: bool) -> Any:
     return value
 
 
+# -- the hot path ------------------------------------------------------------------
+#
+# A runner's log chunk is most of the traffic. These build RunnerLog without
+# the general machinery; tests/protocol/test_codec.py proves them equal to it.
+
+_new = object.__new__
+# The slots' own setters: the cheapest way to fill a frozen, slotted instance.
+_SET_LOG, _SET_BUILD, _SET_SEQ = (RunnerLog.__dict__[n].__set__ for n in ("log", "build", "seq"))
+_PROCESS_PREFIX: Final = "RUNNER:process:"
+
+
+def fast_runner_log(value: dict[str, Any]) -> RunnerLog | None:
+    """The RunnerLog of a parsed ``process`` payload, or None when the payload
+    is not the plain, valid case (the general path then decides)."""
+    log = value.get("log")
+    if type(log) is not str or value.get("finished") is not False:
+        return None
+    if len(value) == 2:
+        build = seq = None
+    else:
+        build = value.get("build")
+        seq = value.get("seq")
+        if build is not None and (type(build) is not str or not build or "\0" in build):
+            return None
+        if seq is not None and (type(seq) is not int or not 1 <= seq <= MAX_INT):
+            return None
+        if len(value) != 2 + ("build" in value) + ("seq" in value):
+            return None  # unknown keys: the general path ignores them
+    message = _new(RunnerLog)
+    _SET_LOG(message, log)
+    _SET_BUILD(message, build)
+    _SET_SEQ(message, seq)
+    return message
+
+
+def _fast_decode_log(payload: str) -> RunnerLog | None:
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return fast_runner_log(value) if type(value) is dict else None
+
+
+def _encode_runner_log(message: RunnerLog) -> str:
+    fields: dict[str, Any] = {"finished": False, "log": message.log}
+    if message.build is not None:
+        fields["build"] = message.build
+    if message.seq is not None:
+        fields["seq"] = message.seq
+    return _PROCESS_PREFIX + orjson.dumps(fields).decode()
+
+
 # -- decoding ----------------------------------------------------------------------
 
 
@@ -419,6 +473,8 @@ def split_client(text: str) -> tuple[Role, str, str]:
     Raises :class:`MalformedFrame` or :class:`UnknownRole`; the payload is not
     looked at.
     """
+    if text.startswith(_PROCESS_PREFIX):
+        return Role.RUNNER, "process", text[15:]
     parts = text.split(":", 2)
     if len(parts) != 3:
         raise MalformedFrame("expected ROLE:command:payload")
@@ -448,6 +504,10 @@ def parse_client(role: Role, command: str, payload: str) -> ClientMessage:
 
     Raises :class:`UnknownCommand`, :class:`Forbidden` or :class:`InvalidPayload`.
     """
+    if command == "process" and role is Role.RUNNER:
+        fast = _fast_decode_log(payload)
+        if fast is not None:
+            return fast
     by_role = CLIENT_COMMANDS.get(command)
     if by_role is None:
         raise UnknownCommand(f"unknown command {command!r}", req=peek_req(payload))
@@ -511,6 +571,15 @@ def decode(text: str) -> Message:
     """
     if not isinstance(text, str):
         raise MalformedFrame("a frame is text")
+    if text.startswith(_PROCESS_PREFIX):
+        try:
+            value = orjson.loads(text[15:])
+        except orjson.JSONDecodeError:
+            value = None
+        if type(value) is dict:
+            fast = fast_runner_log(value)
+            if fast is not None:
+                return fast
     head = text.partition(":")[0]
     if _ROLE_RE.fullmatch(head):
         return decode_client(text)
@@ -542,6 +611,8 @@ def encode_log_chunk(build: str, seq: int, log: str) -> str:
 
 def encode(message: Message) -> str:
     """Encode a message as one text frame (strict, compact JSON)."""
+    if type(message) is RunnerLog:
+        return _encode_runner_log(message)
     try:
         if type(message) in SERVER_COMMANDS.values():
             return f"{message.COMMAND}:{_payload(message)}"

@@ -210,6 +210,11 @@ class _Conn:
     errors: deque[float] = attrs.Factory(deque)
     closing: bool = False
 
+    @property
+    def out_key(self) -> tuple[str, str]:
+        """The metrics key of a ``log:`` frame sent to this connection."""
+        return (self.role.value if self.role else "", "log")
+
 
 @attrs.define(eq=False)
 class _Runner:
@@ -233,11 +238,25 @@ class _Runner:
 
 @attrs.define(eq=False)
 class _Build:
-    record: BuildRecord
+    record: BuildRecord  # as last saved; the log counters below are newer
     runner: _Runner | None = None  # the registration running it, if connected
     subs: dict[ConnId, _Sub] = attrs.Factory(dict)
     queue_order: int = 0
     secrets: dict[str, str] | None = None  # never persisted
+    # Counters that change with every chunk, kept out of the frozen record.
+    log_seq: int = 0
+    log_bytes: int = 0
+    run_seq: int = 0
+
+    @classmethod
+    def of(cls, record: BuildRecord, secrets: dict[str, str] | None = None) -> _Build:
+        return cls(
+            record=record,
+            secrets=secrets,
+            log_seq=record.log_seq,
+            log_bytes=record.log_bytes,
+            run_seq=record.run_seq,
+        )
 
     @property
     def id(self) -> str:
@@ -262,8 +281,8 @@ class _Build:
             started=rfc3339(r.started) if r.started is not None else None,
             finished=rfc3339(r.finished) if r.finished is not None else None,
             success=r.success,
-            log_seq=r.log_seq,
-            log_bytes=r.log_bytes,
+            log_seq=self.log_seq,
+            log_bytes=self.log_bytes,
             truncated=r.truncated,
         )
 
@@ -328,7 +347,7 @@ class Hub:
         """
         self._now = now
         for record in records:
-            build = _Build(record=record)
+            build = _Build.of(record)
             self._builds[record.id] = build
             self._number = max(self._number, record.number)
             if record.state is BuildState.QUEUED and record.secret_names:
@@ -532,12 +551,21 @@ class Hub:
             self._close(c, CloseCode.POLICY, "too many errors")
 
     def _save(self, build: _Build, **changes: Any) -> None:
-        if changes:
-            build.record = attrs.evolve(build.record, **changes)
+        if "run_seq" in changes:
+            build.run_seq = changes.pop("run_seq")
+        build.record = attrs.evolve(
+            build.record,
+            **changes,
+            log_seq=build.log_seq,
+            log_bytes=build.log_bytes,
+            run_seq=build.run_seq,
+        )
         self._fx.records.append(build.record)
 
     def _notify_build(self, build: _Build) -> None:
         """Send ``state:`` to the build's followers and to the live feed."""
+        if not build.subs and not any(c.feed for c in self._conns.values()):
+            return  # nobody follows it: skip building the frame
         frame = encode(StateChange(build=build.info()))
         targets: set[ConnId] = set()
         held: set[ConnId] = set()  # replaying: the frame waits in the backlog's queue
@@ -571,23 +599,34 @@ class Hub:
         self._notify_build(build)
 
     def _append_log(self, build: _Build, text: str, run_seq: int | None) -> None:
-        r = build.record
-        seq = r.log_seq + 1
+        seq = build.log_seq = build.log_seq + 1
         size = _utf8_len(text)
-        build.record = attrs.evolve(r, log_seq=seq, log_bytes=r.log_bytes + size)
+        build.log_bytes += size
         self.stats.log_bytes += size
+        build_id = build.record.id
         self._fx.records.append(
-            LogRecord(build=r.id, seq=seq, log=text, attempt=r.attempt, run_seq=run_seq, size=size)
+            LogRecord(
+                build=build_id,
+                seq=seq,
+                log=text,
+                attempt=build.record.attempt,
+                run_seq=run_seq,
+                size=size,
+            )
         )
         if not build.subs:
             return
-        frame = encode_log_chunk(r.id, seq, text)
+        frame = encode_log_chunk(build_id, seq, text)
+        sends = self._fx.sends
+        counts = self.stats.frames_out
         for sub in build.subs.values():
             if sub.pending is not None:
                 sub.pending.append((seq, frame))
             elif seq > sub.after:
                 sub.after = seq
-                self._send_raw(sub.conn.id, "log", frame)
+                sends.append((sub.conn.id, frame))
+                key = sub.conn.out_key
+                counts[key] = counts.get(key, 0) + 1
 
     def _notice(self, build: _Build, text: str) -> None:
         self._append_log(build, f"\n[citron] {text}\n", None)
@@ -784,7 +823,7 @@ class Hub:
                 runner=runner.id,
                 protocol=PROTOCOL_VERSION,
                 session=runner.session,
-                resume=ResumePoint(build=build.id, seq=build.record.run_seq),
+                resume=ResumePoint(build=build.id, seq=build.run_seq),
             ),
         )
         if build.state is BuildState.CANCELLING:
@@ -806,23 +845,23 @@ class Hub:
 
     def _on_log(self, c: _Conn, msg: RunnerLog) -> None:
         _, build = self._current_build(c, msg.build)
-        r = build.record
+        last = build.run_seq
         if msg.seq is None:
-            run_seq = r.run_seq + 1
-        elif msg.seq <= r.run_seq:
+            run_seq = last + 1
+        elif msg.seq <= last:
             return  # already stored: a resend after a resume
-        elif msg.seq > r.run_seq + 1:
+        elif msg.seq > last + 1:
             raise _Refusal(
                 ErrorCode.BAD_STATE,
-                f"seq {msg.seq} leaves a gap: the last stored seq of this run is {r.run_seq}",
+                f"seq {msg.seq} leaves a gap: the last stored seq of this run is {last}",
             )
         else:
             run_seq = msg.seq
-        build.record = attrs.evolve(r, run_seq=run_seq)
-        if r.truncated:
+        build.run_seq = run_seq
+        if build.record.truncated:
             return
         size = _utf8_len(msg.log)
-        if r.log_bytes + size > self.config.log_cap:
+        if build.log_bytes + size > self.config.log_cap:
             self._notice(build, f"log truncated: it reached the cap of {self.config.log_cap} bytes")
             self._save(build, truncated=True)
             self._notify_build(build)
@@ -864,7 +903,7 @@ class Hub:
             created=self._now,
             secret_names=tuple(sorted(msg.secrets or ())),
         )
-        build = _Build(record=record, secrets=msg.secrets)
+        build = _Build.of(record, msg.secrets)
         self._builds[record.id] = build
         self._fx.records.append(record)
         self._send(c.id, Queued(build=record.id, req=msg.req))
@@ -921,8 +960,8 @@ class Hub:
         c.subs[build.id] = sub
         build.subs[c.id] = sub
         self._send(c.id, Subscribed(build=build.id, from_=msg.from_, req=msg.req))
-        if msg.from_ < build.record.log_seq:
-            sub.until = build.record.log_seq
+        if msg.from_ < build.log_seq:
+            sub.until = build.log_seq
             sub.pending = []
             self._request_page(sub)
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -21,6 +23,27 @@ class _Peer:
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
 
+    def write_now(self, text: str) -> bool:
+        # aiohttp's send_str writes the frame to the transport at once and
+        # only then, now and again, awaits a drain. Step it by hand: when it
+        # does not suspend the frame is out with no task; when it does, a
+        # task waits the drain out (the frame is already written, so order
+        # holds; the host bounds the buffer).
+        if self.ws.closed:
+            return True
+        coro = self.ws.send_str(text)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return True
+        except Exception:  # noqa: BLE001 - a closing transport: the reader reports it
+            coro.close()
+            return True
+        task = asyncio.ensure_future(_finish(coro, waiting))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+        return True
+
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code=code, message=reason.encode())
 
@@ -30,6 +53,28 @@ class _Peer:
         if transport is None or transport.is_closing():
             return 0
         return transport.get_write_buffer_size()
+
+
+_pending: set[asyncio.Future[None]] = set()
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Drive a coroutine that suspended on ``waiting`` to its end."""
+    try:
+        while True:
+            try:
+                if waiting is None:
+                    await asyncio.sleep(0)  # a bare yield
+                else:
+                    await waiting
+            except BaseException as exc:  # noqa: BLE001 - handed back to the coroutine
+                waiting = coro.throw(exc)
+            else:
+                waiting = coro.send(None)
+    except StopIteration:
+        return
+    except Exception:  # noqa: BLE001 - the connection broke while draining
+        return
 
 
 class AiohttpTransport:

@@ -39,6 +39,11 @@ class Peer(Protocol):
     async def send(self, text: str) -> None:
         """Send a text frame (may wait for the socket to drain)."""
 
+    def write_now(self, text: str) -> bool:
+        """Hand a text frame to the transport without waiting, if the library
+        allows it; False: use :meth:`send`."""
+        ...
+
     async def close(self, code: int, reason: str) -> None:
         """Close with a WebSocket close code."""
 
@@ -120,21 +125,29 @@ class Connection:
     def push(self, text: str) -> None:
         if self.closing is not None or self.gone:
             return
+        if not self.queue and self.peer.write_now(text):
+            if self.peer.buffered() > self.host.config.max_buffer:
+                self._slow()
+            return
         self.queued += len(text)
         self.queue.append(text)
         if self.pending() > self.host.config.max_buffer:
-            self.host.slow_consumers += 1
-            log.warning(
-                "connection %d: slow consumer (%d bytes queued, %d in the transport), closing",
-                self.id,
-                self.queued,
-                self.peer.buffered(),
-            )
-            self.queue.clear()
-            self.queued = 0
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            self._slow()
             return
         self.wake.set()
+
+    def _slow(self) -> None:
+        """The outbox overflowed: drop it and close with 4008."""
+        self.host.slow_consumers += 1
+        log.warning(
+            "connection %d: slow consumer (%d bytes queued, %d in the transport), closing",
+            self.id,
+            self.queued,
+            self.peer.buffered(),
+        )
+        self.queue.clear()
+        self.queued = 0
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str) -> None:
         """Close after what is queued has been sent."""

@@ -6,7 +6,7 @@ import json
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -26,6 +26,13 @@ class _Peer:
 
     async def send(self, text: str) -> None:
         await self.ws.send(text)
+
+    def write_now(self, text: str) -> bool:
+        # websockets' broadcast() writes without waiting for the socket to
+        # drain (the host bounds the buffer itself); a closing connection is
+        # skipped, as a send would be refused.
+        broadcast((self.ws,), text)
+        return True
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)

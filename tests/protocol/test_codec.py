@@ -333,3 +333,38 @@ def test_every_valid_utf8_vector_decodes() -> None:
 
 def test_role_enum_matches_grammar() -> None:
     assert {r.value for r in Role} == {"RUNNER", "API", "WEB"}
+
+
+# -- the hot path equals the general path ---------------------------------------------
+
+from citron_protocol import fast_runner_log  # noqa: E402
+from citron_protocol.codec import _STRUCTURE  # noqa: E402
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2, max_value=2**54), st.floats(allow_nan=False),
+    cst.texts(max_size=5), st.just(""), st.just("\0"), st.lists(st.integers(), max_size=2),
+)
+
+
+@given(st.dictionaries(st.sampled_from(["finished", "log", "build", "seq", "extra"]), _values))
+def test_fast_runner_log_agrees_with_the_general_path(payload: dict[str, Any]) -> None:
+    fast = fast_runner_log(payload)
+    if fast is None:
+        return  # the general path decides
+    general = _STRUCTURE[RunnerLog]({k: v for k, v in payload.items() if k != "finished"})
+    assert fast == general
+    assert (fast.log, fast.build, fast.seq) == (general.log, general.build, general.seq)
+
+
+@given(cst.BY_CLASS[RunnerLog])
+def test_log_frames_take_the_fast_path_both_ways(message: RunnerLog) -> None:
+    frame = encode(message)
+    payload = frame.split(":", 2)[2]
+    assert fast_runner_log(json.loads(payload)) == message
+    general = _STRUCTURE[RunnerLog]({k: v for k, v in json.loads(payload).items() if k != "finished"})
+    assert general == message
+    assert frame == "RUNNER:process:" + json.dumps(
+        {"finished": False, **{k: v for k, v in (("log", message.log), ("build", message.build),
+                                                  ("seq", message.seq)) if v is not None}},
+        separators=(",", ":"), ensure_ascii=False,
+    )
