@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Coroutine
 from typing import Any
 
@@ -23,7 +24,21 @@ class _Peer:
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
 
-    def write_now(self, text: str) -> bool:
+    def write_batch(self, texts: list[str]) -> bool:
+        transport = self.transport
+        if self.ws.closed or transport is None or transport.is_closing():
+            return True  # closing: a send would be refused too
+        if not self.ws.compress:
+            # Uncompressed server frames are a header and the payload: build
+            # them here so that a turn's frames go out in one write (aiohttp
+            # writes, and so calls the kernel, once per frame).
+            transport.write(b"".join(_text_frame(text.encode()) for text in texts))
+            return True
+        for text in texts:
+            self._write_now(text)
+        return True
+
+    def _write_now(self, text: str) -> bool:
         # aiohttp's send_str writes the frame to the transport at once and
         # only then, now and again, awaits a drain. Step it by hand: when it
         # does not suspend the frame is out with no task; when it does, a
@@ -56,6 +71,16 @@ class _Peer:
 
 
 _pending: set[asyncio.Future[None]] = set()
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """An unmasked, final, uncompressed text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:

@@ -39,9 +39,9 @@ class Peer(Protocol):
     async def send(self, text: str) -> None:
         """Send a text frame (may wait for the socket to drain)."""
 
-    def write_now(self, text: str) -> bool:
-        """Hand a text frame to the transport without waiting, if the library
-        allows it; False: use :meth:`send`."""
+    def write_batch(self, texts: list[str]) -> bool:
+        """Hand text frames to the transport at once, without waiting, if the
+        library allows it; False: they go through :meth:`send`."""
         ...
 
     async def close(self, code: int, reason: str) -> None:
@@ -106,11 +106,19 @@ class HostConfig:
 
 @attrs.define(eq=False)
 class Connection:
-    """A connection's outbox: frames wait here, then the writer sends them."""
+    """A connection's outbox.
+
+    Frames pushed during one turn of the event loop are written together at
+    its end (one write, one system call, when the library allows it); if the
+    library must wait, they wait in ``queue`` for the writer task. Whatever
+    is not on the wire yet counts against ``max_buffer``.
+    """
 
     id: int
     peer: Peer
     host: Host
+    batch: list[str] = attrs.Factory(list)
+    batched: int = 0
     queue: deque[str] = attrs.Factory(deque)
     queued: int = 0
     closing: tuple[int, str] | None = None
@@ -120,38 +128,49 @@ class Connection:
 
     def pending(self) -> int:
         """Bytes not yet on the wire: the outbox and the transport's buffer."""
-        return self.queued + self.peer.buffered()
+        return self.batched + self.queued + self.peer.buffered()
 
     def push(self, text: str) -> None:
         if self.closing is not None or self.gone:
             return
-        if not self.queue and self.peer.write_now(text):
+        if not self.batch:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.batch.append(text)
+        self.batched += len(text)
+        if self.pending() > self.host.config.max_buffer:
+            self._slow()
+
+    def flush(self) -> None:
+        """Write what this turn of the loop pushed."""
+        batch, self.batch, self.batched = self.batch, [], 0
+        if not batch or self.gone:
+            return
+        if not self.queue and self.peer.write_batch(batch):
             if self.peer.buffered() > self.host.config.max_buffer:
                 self._slow()
             return
-        self.queued += len(text)
-        self.queue.append(text)
-        if self.pending() > self.host.config.max_buffer:
-            self._slow()
-            return
+        self.queue.extend(batch)
+        self.queued += sum(map(len, batch))
         self.wake.set()
 
     def _slow(self) -> None:
         """The outbox overflowed: drop it and close with 4008."""
         self.host.slow_consumers += 1
         log.warning(
-            "connection %d: slow consumer (%d bytes queued, %d in the transport), closing",
+            "connection %d: slow consumer (%d bytes waiting, %d in the transport), closing",
             self.id,
-            self.queued,
+            self.batched + self.queued,
             self.peer.buffered(),
         )
+        self.batch, self.batched = [], 0
         self.queue.clear()
         self.queued = 0
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str) -> None:
-        """Close after what is queued has been sent."""
+        """Close after what is pushed has been sent."""
         if self.closing is None and not self.gone:
+            self.flush()
             self.closing = (code, reason)
             self.wake.set()
 
@@ -211,6 +230,7 @@ class Host:
     async def shutdown(self) -> None:
         """Close every connection with 1001, then commit and close the store."""
         for conn in list(self.connections.values()):
+            conn.batch, conn.batched = [], 0
             conn.queue.clear()
             conn.queued = 0
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -254,6 +274,7 @@ class Host:
             return
         role = self.hub.role_of(conn.id)
         conn.gone = True
+        conn.batch, conn.batched = [], 0
         conn.queue.clear()
         conn.queued = 0
         conn.wake.set()
