@@ -313,6 +313,7 @@ class Hub:
         self._fx = Effects()
         self._now = 0.0
         self._conns: dict[ConnId, _Conn] = {}
+        self._feed: dict[ConnId, _Conn] = {}  # connections following the live feed
         self._runners: dict[str, _Runner] = {}
         self._builds: dict[str, _Build] = {}  # in creation order
         self._queue_any: dict[str, _Build] = {}  # queued builds without a type
@@ -430,6 +431,7 @@ class Hub:
         c = self._conns.pop(conn, None)
         if c is None:
             return self._flush()
+        self._feed.pop(conn, None)
         for sub in c.subs.values():
             sub.build.subs.pop(c.id, None)
         c.subs.clear()
@@ -564,7 +566,7 @@ class Hub:
 
     def _notify_build(self, build: _Build) -> None:
         """Send ``state:`` to the build's followers and to the live feed."""
-        if not build.subs and not any(c.feed for c in self._conns.values()):
+        if not build.subs and not self._feed:
             return  # nobody follows it: skip building the frame
         frame = encode(StateChange(build=build.info()))
         targets: set[ConnId] = set()
@@ -575,13 +577,13 @@ class Hub:
                 held.add(sub.conn.id)
             else:
                 targets.add(sub.conn.id)
-        targets.update(c.id for c in self._conns.values() if c.feed and c.id not in held)
+        targets.update(conn for conn in self._feed if conn not in held)
         for conn in targets:
             self._send_raw(conn, "state", frame)
 
     def _notify_runner(self, runner: _Runner, gone: bool = False) -> None:
         """Send ``runner:`` to the live feed (``gone`` when it leaves)."""
-        feed = [c.id for c in self._conns.values() if c.feed]
+        feed = list(self._feed)
         if feed:
             frame = encode(RunnerChange(runner=runner.info(), gone=gone))
             for conn in feed:
@@ -953,6 +955,7 @@ class Hub:
     def _on_subscribe(self, c: _Conn, msg: Subscribe) -> None:
         if msg.build is None:
             c.feed = True
+            self._feed[c.id] = c
             self._send(c.id, Subscribed(build=None, from_=0, req=msg.req))
             return
         build = self._find(msg.build)
@@ -984,6 +987,7 @@ class Hub:
     def _on_unsubscribe(self, c: _Conn, msg: Unsubscribe) -> None:
         if msg.build is None:
             c.feed = False
+            self._feed.pop(c.id, None)
             self._send(c.id, Unsubscribed(build=None, from_=0, req=msg.req))
             return
         sub = c.subs.pop(msg.build, None)

@@ -134,10 +134,10 @@ class Connection:
         if self.closing is not None or self.gone:
             return
         if not self.batch:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.host.dirty(self)
         self.batch.append(text)
         self.batched += len(text)
-        if self.pending() > self.host.config.max_buffer:
+        if self.batched > self.host.config.max_buffer:  # the transport's part: at flush
             self._slow()
 
     def flush(self) -> None:
@@ -206,6 +206,7 @@ class Host:
         self.config = config or HostConfig()
         self.hub = hub or Hub(RandomIds(), hub_config)
         self.connections: dict[int, Connection] = {}
+        self._dirty: list[Connection] = []
         self.slow_consumers = 0
         self.started = False
         self._ids = itertools.count(1)
@@ -250,6 +251,17 @@ class Host:
             delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
             await asyncio.sleep(max(delay, 0.01))
             self.apply(self.hub.advance(self.now()))
+
+    def dirty(self, conn: Connection) -> None:
+        """``conn`` has frames to write at the end of this turn of the loop."""
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._dirty.append(conn)
+
+    def _flush_all(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
 
     # -- what adapters report --------------------------------------------------------
 
