@@ -418,6 +418,8 @@ def _loads(payload: str, tolerant: bool) -> Any:
 # the general machinery; tests/protocol/test_codec.py proves them equal to it.
 
 _new = object.__new__
+_loads_strict = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
 # The slots' own setters: the cheapest way to fill a frozen, slotted instance.
 _SET_LOG, _SET_BUILD, _SET_SEQ = (RunnerLog.__dict__[n].__set__ for n in ("log", "build", "seq"))
 _PROCESS_PREFIX: Final = "RUNNER:process:"
@@ -430,7 +432,11 @@ def fast_runner_log(value: dict[str, Any]) -> RunnerLog | None:
     if type(log) is not str or value.get("finished") is not False:
         return None
     if len(value) == 2:
-        build = seq = None
+        message = _new(RunnerLog)
+        _SET_LOG(message, log)
+        _SET_BUILD(message, None)
+        _SET_SEQ(message, None)
+        return message
     else:
         build = value.get("build")
         seq = value.get("seq")
@@ -573,8 +579,8 @@ def decode(text: str) -> Message:
         raise MalformedFrame("a frame is text")
     if text.startswith(_PROCESS_PREFIX):
         try:
-            value = orjson.loads(text[15:])
-        except orjson.JSONDecodeError:
+            value = _loads_strict(text[15:])
+        except _JSONDecodeError:
             value = None
         if type(value) is dict:
             fast = fast_runner_log(value)
