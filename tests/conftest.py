@@ -156,3 +156,6 @@ def server_factory(tmp_path: Path, transport: str) -> Iterator[ServerFactory]:
 @pytest.fixture
 def server(server_factory: ServerFactory) -> ServerProc:
     return server_factory()
+
+
+from .procs import git_repo, spawn  # noqa: E402, F401 - fixtures for every test folder

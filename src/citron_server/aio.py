@@ -12,6 +12,7 @@ from aiohttp import WSMsgType, web
 from .host import Auth, Host
 from .metrics import CONTENT_TYPE, Metrics, health
 from .settings import Settings
+from .static import HEADERS, static_file
 
 __all__ = ["AiohttpTransport"]
 
@@ -115,6 +116,8 @@ class AiohttpTransport:
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
+        for path in ("/", "/index.html", "/static/app.js", "/static/style.css"):
+            app.router.add_get(path, self._static)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -131,6 +134,13 @@ class AiohttpTransport:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response(health(self.host))
+
+    async def _static(self, request: web.Request) -> web.Response:
+        found = static_file(request.path)
+        if found is None:
+            raise web.HTTPNotFound()
+        body, content_type = found
+        return web.Response(body=body, headers={"Content-Type": content_type, **HEADERS})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -17,6 +17,7 @@ from citron_protocol import Role
 from .host import Auth, Host
 from .metrics import CONTENT_TYPE, Metrics, health
 from .settings import Settings
+from .static import HEADERS, static_file
 
 __all__ = ["WebsocketsTransport"]
 
@@ -55,8 +56,12 @@ class _Peer:
         return self.ws.transport.get_write_buffer_size()
 
 
-def _response(status: int, body: bytes, content_type: str) -> Response:
+def _response(
+    status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+) -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    for name, value in (extra or {}).items():
+        headers[name] = value
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
@@ -99,6 +104,9 @@ class WebsocketsTransport:
         if url.path == "/metrics":
             return _response(200, self.metrics.render(), CONTENT_TYPE)
         if url.path != "/ws":
+            found = static_file(url.path) if request.headers.get("Upgrade") is None else None
+            if found is not None:
+                return _response(200, found[0], found[1], HEADERS)
             return _response(404, b"not found\n", "text/plain; charset=utf-8")
         query = parse_qs(url.query).get("token", [None])[0]
         token = Auth.token_from(request.headers.get("Authorization"), query)

@@ -17,7 +17,7 @@ from citron_client import Client, RequestError
 from citron_protocol import BuildState, LogChunk
 
 from ..conftest import ServerFactory, ServerProc
-from .conftest import Spawn, citron, citron_popen, runner_argv
+from ..procs import Spawn, citron, citron_popen, runner_argv
 
 ROOT = Path(__file__).parents[2]
 

@@ -14,7 +14,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from citron_protocol import CountingIds, Effects, Hub, MemoryStore, Role
 
 from ..conftest import ServerFactory
-from .conftest import citron, runner_argv
+from ..procs import citron, runner_argv
 
 
 def test_conformance_passes_on_citron_server(server_factory: ServerFactory) -> None:

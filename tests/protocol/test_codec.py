@@ -341,8 +341,14 @@ from citron_protocol import fast_runner_log  # noqa: E402
 from citron_protocol.codec import _STRUCTURE  # noqa: E402
 
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-2, max_value=2**54), st.floats(allow_nan=False),
-    cst.texts(max_size=5), st.just(""), st.just("\0"), st.lists(st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-2, max_value=2**54),
+    st.floats(allow_nan=False),
+    cst.texts(max_size=5),
+    st.just(""),
+    st.just("\0"),
+    st.lists(st.integers(), max_size=2),
 )
 
 
@@ -361,10 +367,19 @@ def test_log_frames_take_the_fast_path_both_ways(message: RunnerLog) -> None:
     frame = encode(message)
     payload = frame.split(":", 2)[2]
     assert fast_runner_log(json.loads(payload)) == message
-    general = _STRUCTURE[RunnerLog]({k: v for k, v in json.loads(payload).items() if k != "finished"})
+    general = _STRUCTURE[RunnerLog](
+        {k: v for k, v in json.loads(payload).items() if k != "finished"}
+    )
     assert general == message
     assert frame == "RUNNER:process:" + json.dumps(
-        {"finished": False, **{k: v for k, v in (("log", message.log), ("build", message.build),
-                                                  ("seq", message.seq)) if v is not None}},
-        separators=(",", ":"), ensure_ascii=False,
+        {
+            "finished": False,
+            **{
+                k: v
+                for k, v in (("log", message.log), ("build", message.build), ("seq", message.seq))
+                if v is not None
+            },
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
     )

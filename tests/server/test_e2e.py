@@ -286,7 +286,9 @@ async def test_healthz_and_metrics(server: ServerProc) -> None:
     ]:
         assert needle in text, needle
     assert server.http("/nope")[0] == 404
-    assert server.http("/")[0] == 404
+    status, content_type, body = server.http("/")
+    assert status == 200 and content_type.startswith("text/html") and "citron" in body
+    assert server.http("/static/nope.js")[0] == 404
 
 
 async def test_too_many_errors_close_with_1008(server: ServerProc) -> None:

@@ -1,0 +1,481 @@
+// citron's dashboard: a front (WEB: frames only) over the server's /ws.
+// Everything from the server is text: it is only ever put in the page with
+// textContent, never parsed as HTML.
+
+const token = new URLSearchParams(location.search).get("token");
+
+// -- the connection ----------------------------------------------------------
+
+class Connection {
+  constructor() {
+    this.ws = null;
+    this.next = 1;
+    this.pending = new Map();
+    this.pushHandlers = new Set();
+    this.openHandlers = new Set();
+    this.delay = 500;
+    this.connect();
+  }
+
+  connect() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = token ? `?token=${encodeURIComponent(token)}` : "";
+    const ws = new WebSocket(`${scheme}//${location.host}/ws${query}`);
+    this.ws = ws;
+    setStatus("connecting", "connecting…");
+    ws.onopen = () => {
+      this.delay = 500;
+      setStatus("open", "live");
+      for (const handler of this.openHandlers) handler();
+    };
+    ws.onmessage = (event) => this.receive(event.data);
+    ws.onclose = (event) => {
+      for (const [, reject] of this.pending.values()) reject(new Error("connection lost"));
+      this.pending.clear();
+      if (event.code === 1008) {
+        setStatus("closed", "refused: this page's token may not read (1008)");
+        return;
+      }
+      const wait = Math.min(this.delay, 30000) * (0.5 + Math.random() / 2);
+      this.delay *= 2;
+      setStatus("closed", `disconnected; reconnecting in ${(wait / 1000).toFixed(1)} s`);
+      setTimeout(() => this.connect(), wait);
+    };
+  }
+
+  receive(text) {
+    const colon = text.indexOf(":");
+    const command = text.slice(0, colon);
+    let payload = {};
+    try {
+      payload = colon + 1 < text.length ? JSON.parse(text.slice(colon + 1)) : {};
+    } catch (error) {
+      return; // not a frame this page understands
+    }
+    if (payload && payload.req && this.pending.has(payload.req)) {
+      const [resolve, reject] = this.pending.get(payload.req);
+      this.pending.delete(payload.req);
+      if (command === "error") reject(new Error(`${payload.code}: ${payload.message}`));
+      else resolve(payload);
+      return;
+    }
+    for (const handler of this.pushHandlers) handler(command, payload);
+  }
+
+  request(command, body = {}) {
+    return new Promise((resolve, reject) => {
+      if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
+        reject(new Error("not connected"));
+        return;
+      }
+      const req = `w${this.next++}`;
+      this.pending.set(req, [resolve, reject]);
+      this.ws.send(`WEB:${command}:${JSON.stringify({ ...body, req })}`);
+    });
+  }
+
+  get open() {
+    return this.ws && this.ws.readyState === WebSocket.OPEN;
+  }
+}
+
+function setStatus(state, text) {
+  const status = document.getElementById("status");
+  status.dataset.state = state;
+  status.textContent = text;
+}
+
+// -- small DOM helpers ---------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+  }
+  return node;
+}
+
+function badge(state) {
+  return el("span", { class: `badge ${state}` }, state);
+}
+
+function buildLink(id) {
+  return id ? el("a", { href: `#/builds/${encodeURIComponent(id)}` }, id) : "-";
+}
+
+function time(rfc3339) {
+  return rfc3339 ? new Date(rfc3339).toLocaleString() : "-";
+}
+
+function duration(build) {
+  if (!build.started) return "-";
+  const end = build.finished ? new Date(build.finished) : new Date();
+  const seconds = (end - new Date(build.started)) / 1000;
+  return seconds < 60 ? `${seconds.toFixed(1)} s` : `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+}
+
+// -- views ---------------------------------------------------------------------
+
+class RunnersView {
+  constructor(conn, main) {
+    this.conn = conn;
+    this.runners = new Map();
+    this.body = el("tbody");
+    main.append(
+      el("h1", {}, "Runners"),
+      el("table", { id: "runners" },
+        el("thead", {}, el("tr", {}, ...["Name", "Type", "State", "Build", "Id"].map((h) => el("th", {}, h)))),
+        this.body),
+    );
+  }
+
+  async load() {
+    await this.conn.request("subscribe", {});
+    const reply = await this.conn.request("get_runners");
+    this.runners = new Map(reply.runners.map((r) => [r.id, r]));
+    this.render();
+  }
+
+  push(command, payload) {
+    if (command !== "runner") return;
+    if (payload.gone) this.runners.delete(payload.id);
+    else this.runners.set(payload.id, payload);
+    this.render();
+  }
+
+  render() {
+    this.body.replaceChildren(...[...this.runners.values()].map((r) =>
+      el("tr", { "data-runner": r.id },
+        el("td", {}, r.name ?? "-"), el("td", {}, r.type), el("td", {}, badge(r.state)),
+        el("td", {}, buildLink(r.build)), el("td", {}, r.id))));
+    if (!this.runners.size) this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "5" }, "No runner connected.")));
+  }
+}
+
+class BuildsView {
+  constructor(conn, main) {
+    this.conn = conn;
+    this.builds = new Map();
+    this.order = [];
+    this.body = el("tbody");
+    this.more = el("button", { id: "older" }, "Older builds");
+    this.more.onclick = () => this.page();
+    main.append(
+      el("h1", {}, "Builds"),
+      el("table", { id: "builds" },
+        el("thead", {}, el("tr", {}, ...["State", "Build", "Repository", "Runner", "Started", "Duration"].map((h) => el("th", {}, h)))),
+        this.body),
+      this.more,
+    );
+  }
+
+  async load() {
+    await this.conn.request("subscribe", {});
+    this.builds.clear();
+    this.order = [];
+    await this.page();
+  }
+
+  async page() {
+    const before = this.order.length ? this.order[this.order.length - 1] : undefined;
+    const reply = await this.conn.request("get_builds", before ? { limit: 50, before } : { limit: 50 });
+    for (const build of reply.builds) {
+      if (!this.builds.has(build.id)) this.order.push(build.id);
+      this.builds.set(build.id, build);
+    }
+    this.more.hidden = reply.builds.length < 50;
+    this.render();
+  }
+
+  push(command, payload) {
+    if (command !== "state") return;
+    if (!this.builds.has(payload.id)) this.order.unshift(payload.id);
+    this.builds.set(payload.id, payload);
+    this.render();
+  }
+
+  render() {
+    this.body.replaceChildren(...this.order.map((id) => {
+      const b = this.builds.get(id);
+      return el("tr", { "data-build": b.id },
+        el("td", {}, badge(b.state)), el("td", {}, buildLink(b.id)), el("td", {}, b.repo),
+        el("td", {}, b.runner ?? "-"), el("td", {}, time(b.started)), el("td", {}, duration(b)));
+    }));
+    if (!this.order.length) this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "6" }, "No build yet.")));
+  }
+}
+
+// -- the terminal ------------------------------------------------------------------
+
+const PALETTE16 = [
+  [0, 0, 0], [205, 49, 49], [13, 188, 121], [229, 229, 16], [36, 114, 200], [188, 63, 188], [17, 168, 205], [229, 229, 229],
+  [102, 102, 102], [241, 76, 76], [35, 209, 139], [245, 245, 67], [59, 142, 234], [214, 112, 214], [41, 184, 219], [255, 255, 255],
+];
+
+function color256(n) {
+  if (n < 16) return `rgb(${PALETTE16[n].join(",")})`;
+  if (n < 232) {
+    const v = n - 16, steps = [0, 95, 135, 175, 215, 255];
+    return `rgb(${steps[Math.floor(v / 36)]},${steps[Math.floor(v / 6) % 6]},${steps[v % 6]})`;
+  }
+  const g = 8 + (n - 232) * 10;
+  return `rgb(${g},${g},${g})`;
+}
+
+// A style is a small frozen object; segments share them.
+const PLAIN = Object.freeze({});
+
+function applySgr(style, params) {
+  const codes = params === "" ? [0] : params.split(";").map((p) => parseInt(p || "0", 10));
+  let next = { ...style };
+  for (let i = 0; i < codes.length; i++) {
+    const c = codes[i];
+    if (c === 0) next = {};
+    else if (c === 1) next.bold = true;
+    else if (c === 3) next.italic = true;
+    else if (c === 4) next.underline = true;
+    else if (c === 22) delete next.bold;
+    else if (c === 23) delete next.italic;
+    else if (c === 24) delete next.underline;
+    else if ((c >= 30 && c <= 37) || (c >= 90 && c <= 97)) { next.fg = c; delete next.fgRgb; }
+    else if (c === 39) { delete next.fg; delete next.fgRgb; }
+    else if ((c >= 40 && c <= 47) || (c >= 100 && c <= 107)) { next.bg = c; delete next.bgRgb; }
+    else if (c === 49) { delete next.bg; delete next.bgRgb; }
+    else if ((c === 38 || c === 48) && codes[i + 1] === 5 && i + 2 < codes.length) {
+      const rgb = color256(codes[i + 2] & 255);
+      if (c === 38) { next.fgRgb = rgb; delete next.fg; } else { next.bgRgb = rgb; delete next.bg; }
+      i += 2;
+    } else if ((c === 38 || c === 48) && codes[i + 1] === 2 && i + 4 < codes.length) {
+      const rgb = `rgb(${codes[i + 2] & 255},${codes[i + 3] & 255},${codes[i + 4] & 255})`;
+      if (c === 38) { next.fgRgb = rgb; delete next.fg; } else { next.bgRgb = rgb; delete next.bg; }
+      i += 4;
+    }
+  }
+  return Object.keys(next).length ? Object.freeze(next) : PLAIN;
+}
+
+// Turns a stream of output into lines of styled segments, as a terminal
+// would: SGR colours and bold, "\r" returns to the start of the line and
+// overwrites, "\n" ends it. Other escape sequences are dropped.
+class Terminal {
+  constructor() {
+    this.lines = []; // finished lines: arrays of [text, style]
+    this.cells = []; // the line being written: [char, style] per column
+    this.col = 0;
+    this.style = PLAIN;
+    this.pending = ""; // an escape sequence cut between two chunks
+  }
+
+  write(text) {
+    text = this.pending + text;
+    this.pending = "";
+    let i = 0;
+    const n = text.length;
+    while (i < n) {
+      const ch = text[i];
+      if (ch === "\x1b") {
+        if (i + 1 >= n) { this.pending = text.slice(i); break; }
+        if (text[i + 1] === "[") {
+          let j = i + 2;
+          while (j < n && !(text.charCodeAt(j) >= 0x40 && text.charCodeAt(j) <= 0x7e)) j++;
+          if (j >= n) { this.pending = text.slice(i); break; }
+          if (text[j] === "m") this.style = applySgr(this.style, text.slice(i + 2, j));
+          else if (text[j] === "K") this.cells.length = Math.min(this.cells.length, this.col);
+          i = j + 1;
+        } else {
+          i += 2; // a two-character escape: ignored
+        }
+        continue;
+      }
+      if (ch === "\n") {
+        this.lines.push(this.segments());
+        this.cells = [];
+        this.col = 0;
+      } else if (ch === "\r") {
+        this.col = 0;
+      } else if (ch === "\b") {
+        this.col = Math.max(0, this.col - 1);
+      } else {
+        this.cells[this.col++] = [ch, this.style];
+      }
+      i++;
+    }
+  }
+
+  segments(cells = this.cells) {
+    const out = [];
+    for (const cell of cells) {
+      const [ch, style] = cell ?? [" ", PLAIN];
+      const last = out[out.length - 1];
+      if (last && last[1] === style) last[0] += ch;
+      else out.push([ch, style]);
+    }
+    return out;
+  }
+
+  // Every line, the unfinished last one included when it has text.
+  get count() {
+    return this.lines.length + (this.cells.length ? 1 : 0);
+  }
+
+  line(i) {
+    return i < this.lines.length ? this.lines[i] : this.segments();
+  }
+}
+
+function styledSpan(text, style) {
+  const span = document.createElement("span");
+  span.textContent = text;
+  if (style !== PLAIN) {
+    const classes = [];
+    if (style.bold) classes.push("b");
+    if (style.italic) classes.push("i");
+    if (style.underline) classes.push("u");
+    if (style.fg) classes.push(`fg${style.fg}`);
+    if (style.bg) classes.push(`bg${style.bg}`);
+    span.className = classes.join(" ");
+    if (style.fgRgb) span.style.color = style.fgRgb;
+    if (style.bgRgb) span.style.background = style.bgRgb;
+  }
+  return span;
+}
+
+// Shows a Terminal's lines, only those in view, so a log of 100,000 lines
+// stays responsive; follows new output unless the reader scrolled up.
+class LogView {
+  constructor(buildId, target) {
+    this.buildId = buildId;
+    this.term = new Terminal();
+    this.target = target;
+    this.lineHeight = 18;
+    this.box = el("div", { class: "log", id: "log", tabindex: "0" });
+    this.spacer = el("div", { class: "spacer" });
+    this.rows = el("div", { class: "lines" });
+    this.spacer.append(this.rows);
+    this.box.append(this.spacer);
+    this.follow = el("div", { class: "follow" }, "");
+    this.following = target === null;
+    this.scheduled = false;
+    this.box.addEventListener("scroll", () => {
+      const atEnd = this.box.scrollTop + this.box.clientHeight >= this.box.scrollHeight - this.lineHeight;
+      this.following = atEnd;
+      this.schedule();
+    });
+  }
+
+  write(text) {
+    this.term.write(text);
+    this.schedule();
+  }
+
+  schedule() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    requestAnimationFrame(() => {
+      this.scheduled = false;
+      this.render();
+    });
+  }
+
+  render() {
+    const count = this.term.count;
+    this.spacer.style.height = `${count * this.lineHeight}px`;
+    if (this.following) this.box.scrollTop = this.box.scrollHeight;
+    else if (this.target !== null && this.target <= count && !this.jumped) {
+      this.box.scrollTop = Math.max(0, (this.target - 3) * this.lineHeight);
+      this.jumped = true;
+    }
+    const first = Math.max(0, Math.floor(this.box.scrollTop / this.lineHeight) - 20);
+    const last = Math.min(count, first + Math.ceil(this.box.clientHeight / this.lineHeight) + 40);
+    this.rows.style.top = `${first * this.lineHeight}px`;
+    const nodes = [];
+    for (let i = first; i < last; i++) {
+      const number = i + 1;
+      const row = el("div", { class: number === this.target ? "line target" : "line", "data-line": String(number) },
+        el("a", { class: "ln", href: `#/builds/${encodeURIComponent(this.buildId)}/${number}` }, number));
+      for (const [text, style] of this.term.line(i)) row.append(styledSpan(text, style));
+      nodes.push(row);
+    }
+    this.rows.replaceChildren(...nodes);
+    this.follow.textContent = this.following ? "following new output" : "scrolled up: not following (scroll to the end to follow)";
+  }
+}
+
+class BuildView {
+  constructor(conn, main, id, line) {
+    this.conn = conn;
+    this.id = id;
+    this.seq = 0; // the last chunk shown: a resubscription starts after it
+    this.facts = el("dl", { class: "facts", id: "facts" });
+    this.log = new LogView(id, line);
+    main.append(el("h1", {}, "Build ", el("span", { id: "build-id" }, id)), this.facts, this.log.box, this.log.follow);
+  }
+
+  async load() {
+    const build = await this.conn.request("get_build", { build: this.id });
+    this.show(build);
+    await this.conn.request("subscribe", { build: this.id, from: this.seq });
+  }
+
+  leave() {
+    if (this.conn.open) this.conn.request("unsubscribe", { build: this.id }).catch(() => {});
+  }
+
+  push(command, payload) {
+    if (command === "log" && payload.build === this.id) {
+      if (payload.seq <= this.seq) return; // already shown
+      this.seq = payload.seq;
+      this.log.write(payload.log);
+    } else if (command === "state" && payload.id === this.id) {
+      this.show(payload);
+    }
+  }
+
+  show(b) {
+    const rows = [
+      ["State", badge(b.state)], ["Repository", b.repo], ["Ref", b.ref ?? "-"], ["Type", b.type ?? "-"],
+      ["Runner", b.runner ?? "-"], ["Attempt", b.attempt], ["Created", time(b.created)],
+      ["Started", time(b.started)], ["Finished", time(b.finished)], ["Duration", duration(b)],
+      ["Script", b.script.join("\n")], ["Log", `${b.log_seq} chunks, ${b.log_bytes} bytes${b.truncated ? " (truncated)" : ""}`],
+    ];
+    this.facts.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-fact": k.toLowerCase() }, v)]));
+  }
+}
+
+// -- routing ------------------------------------------------------------------------
+
+const conn = new Connection();
+let view = null;
+
+function route() {
+  const main = document.getElementById("main");
+  main.replaceChildren();
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  if (view && view.leave) view.leave();
+  if (parts[0] === "builds" && parts[1]) {
+    const line = parts[2] ? parseInt(parts[2], 10) : NaN;
+    view = new BuildView(conn, main, parts[1], Number.isFinite(line) ? line : null);
+  } else if (parts[0] === "builds") {
+    view = new BuildsView(conn, main);
+  } else {
+    view = new RunnersView(conn, main);
+  }
+  for (const link of document.querySelectorAll("nav a")) {
+    link.classList.toggle("active", link.dataset.view === (parts[0] || "runners"));
+  }
+  if (conn.open) view.load().catch(showError);
+}
+
+function showError(error) {
+  const main = document.getElementById("main");
+  if (!main.querySelector(".error")) main.append(el("p", { class: "error empty" }, String(error.message || error)));
+}
+
+conn.pushHandlers.add((command, payload) => view && view.push(command, payload));
+conn.openHandlers.add(() => view && view.load().catch(showError));
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,200 @@
+"""The dashboard in a real browser (Debian's Chromium, driven by Playwright),
+against a real citron-server and citron-runner, for both transports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import ServerProc
+from ..procs import Spawn, citron, runner_argv
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).parents[2]
+SCREENSHOTS = ROOT / "build" / "screenshots"
+
+if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must install Debian's chromium (see .ci/run)")
+    pytest.skip("needs Debian's chromium: apt-get install chromium", allow_module_level=True)
+
+playwright = pytest.importorskip("playwright.async_api")
+
+
+class Page:
+    """A browser page that records console errors and dialogs."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+        async def dismiss(dialog: Any) -> None:
+            self.dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        page.on("dialog", dismiss)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright.async_playwright() as p:
+        instance = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield instance
+        await instance.close()
+
+
+async def open_page(browser: Any, url: str, height: int = 900) -> Page:
+    page = Page(await browser.new_page(viewport={"width": 1280, "height": height}))
+    await page.page.goto(url)
+    return page
+
+
+async def submit(server: ServerProc, repo: Path, *script: str) -> str:
+    args = ["submit", server.url, "--repo", str(repo)]
+    for line in script:
+        args += ["--script", line]
+    result = await asyncio.to_thread(citron, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def log_lines(page: Page) -> list[tuple[int, str]]:
+    """The log lines in the page: number, and text as shown."""
+    rows = await page.page.locator("#log .line").evaluate_all(
+        """rows => rows.map(r => [Number(r.dataset.line),
+            [...r.querySelectorAll('span')].map(s => s.textContent).join('')])"""
+    )
+    return [(int(n), str(t)) for n, t in rows]
+
+
+def http_base(server: ServerProc) -> str:
+    return f"http://127.0.0.1:{server.port}/"
+
+
+async def test_runners_builds_and_a_live_log(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any, tmp_path: Path, transport: str
+) -> None:
+    spawn(*runner_argv(server.url, "--name", "browser-runner"), log_name="runner")
+    page = await open_page(browser, http_base(server) + "#/runners")
+    runners = page.page.locator("#runners tbody tr[data-runner]")
+    await runners.first.wait_for()
+    assert "browser-runner" in await runners.first.inner_text()
+    assert "WAITING" in await runners.first.inner_text()
+
+    marker = tmp_path / "go"
+    build = await submit(
+        server,
+        git_repo,
+        f"echo first-$((0+1)); while [ ! -e {marker} ]; do sleep 0.05; done; echo second-$((1+1))",
+    )
+    await page.page.goto(http_base(server) + "#/builds")
+    row = page.page.locator(f'#builds tr[data-build="{build}"]')
+    await row.wait_for()
+    await page.page.click(f'#builds tr[data-build="{build}"] a')
+    await page.page.locator("#log .line", has_text="first-1").wait_for()
+    assert await page.page.locator("#log .line", has_text="second-2").count() == 0  # still waiting
+    marker.touch()
+    await page.page.locator("#log .line", has_text="second-2").wait_for()
+    await page.page.locator('[data-fact="state"] .badge.success').wait_for()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.page.screenshot(path=str(SCREENSHOTS / f"build-page-{transport}.png"))
+    assert page.errors == []
+
+
+async def test_ansi_progress_lines_and_html_in_logs(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    build = await submit(
+        server,
+        git_repo,
+        r"printf '\033[1;32mgreen bold\033[0m plain \033[38;5;208morange\033[0m\n'",
+        r"printf 'progress 10%%\rprogress 50%%\rprogress 100%%\n'",
+        "printf '<img src=x onerror=alert(%d)>\\n' 1",
+        "printf '<script>alert(%d)</script>\\n' 2",
+    )
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}")
+    await page.page.locator('[data-fact="state"] .badge.success').wait_for()
+    await page.page.locator("#log .line", has_text="alert(2)").wait_for()
+    green = page.page.locator("#log .line span.b.fg32", has_text="green bold")
+    assert await green.count() == 1
+    orange = page.page.locator("#log .line").get_by_text("orange", exact=True)
+    assert await orange.evaluate("e => getComputedStyle(e).color") == "rgb(255, 135, 0)"
+    shown = [text for _, text in await log_lines(page)]
+    assert [t for t in shown if "progress" in t and not t.startswith("$")] == ["progress 100%"]
+    assert "<img src=x onerror=alert(1)>" in shown and "<script>alert(2)</script>" in shown
+    html = page.page.locator("#log .line", has_text="<img src=x onerror=alert(1)>")
+    assert await html.count() == 1
+    assert await page.page.locator("#log img").count() == 0
+    assert await page.page.locator("#log script").count() == 0
+    await asyncio.sleep(0.3)
+    assert page.dialogs == [] and page.errors == []
+
+
+async def test_a_server_restart_mid_build_shows_every_line_once(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    build = await submit(
+        server, git_repo, "for i in $(seq 1 250); do echo numbered $i; sleep 0.01; done"
+    )
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}", height=9000)
+    await page.page.locator("#log .line", has_text="numbered 40").wait_for()
+    await asyncio.to_thread(server.kill9)
+    await page.page.locator('#status[data-state="closed"]').wait_for()
+    await asyncio.to_thread(server.restart)
+    await page.page.locator('[data-fact="state"] .badge.success').wait_for(timeout=60_000)
+    await page.page.locator("#log .line", has_text="numbered 250").wait_for()
+    shown = [text for _, text in await log_lines(page)]
+    numbered = [text for text in shown if text.startswith("numbered ")]
+    assert numbered == [f"numbered {i}" for i in range(1, 251)]
+    # While the server was down, Chromium reports each refused WebSocket
+    # connection on the console; nothing else may be there.
+    assert [e for e in page.errors if "WebSocket connection" not in e] == []
+
+
+async def test_a_long_log_stays_responsive(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    build = await submit(server, git_repo, "seq 1 100000")
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}")
+    await page.page.locator('[data-fact="state"] .badge.success').wait_for()
+    # "$ git clone", "Cloning into", "done.", "$ seq 1 100000", then 1 to 100000.
+    last = page.page.locator('#log .line[data-line="100004"]')
+    await last.wait_for(timeout=60_000)
+    assert dict(await log_lines(page))[100004] == "100000"
+    rendered = await page.page.locator("#log .line").count()
+    assert rendered < 200  # only the lines in view are in the page
+    await page.page.goto(http_base(server) + f"#/builds/{build}/50004")
+    target = page.page.locator('#log .line.target[data-line="50004"]')
+    await target.wait_for(timeout=60_000)
+    assert dict(await log_lines(page))[50004] == "50000"
+    assert page.errors == []
+
+
+async def test_the_page_passes_its_token(server_factory: Any, browser: Any) -> None:
+    server = server_factory("--web-token", "pw", "--api-token", "a", "--runner-token", "r")
+    page = await open_page(browser, http_base(server) + "?token=pw#/runners")
+    await page.page.locator('#status[data-state="open"]').wait_for()
+    await page.page.locator("#runners .empty").wait_for()
+    assert page.errors == []
