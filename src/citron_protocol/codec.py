@@ -305,20 +305,13 @@ def _describe(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, FieldError):
         sep = "" if exc.field.startswith("[") else "."
         return [f"{path}{sep}{exc.field}: {exc.problem}"]
-    if isinstance(exc, ClassValidationError):
+    if isinstance(exc, ClassValidationError | IterableValidationError):
         out: list[str] = []
-        with_notes, others = exc.group_exceptions()
-        for sub, note in with_notes:
-            out += _describe(sub, f"{path}.{note.name}")
+        placed, others = exc.group_exceptions()
+        for sub, note in placed:
+            where = f".{note.name}" if hasattr(note, "name") else f"[{note.index}]"
+            out += _describe(sub, path + where)
         for sub in others:
-            out += _describe(sub, path)
-        return out
-    if isinstance(exc, IterableValidationError):
-        out = []
-        indexed, rest = exc.group_exceptions()
-        for sub, inote in indexed:
-            out += _describe(sub, f"{path}[{inote.index}]")
-        for sub in rest:
             out += _describe(sub, path)
         return out
     if isinstance(exc, BaseValidationError):
