@@ -65,6 +65,31 @@ async def wait_all(counter: Counter, n: int) -> None:
 
 # -- relay ---------------------------------------------------------------------------
 
+FRAME = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
+
+
+async def measure(send: Any, fronts: list[Any], n: int, counts: Any) -> float:
+    """Lines per second: ``send`` streams ``n`` frames, windowed; each front
+    counts the messages for which ``counts(text)`` holds until it has ``n``."""
+    counter = Counter(len(fronts))
+
+    async def read(i: int, ws: Any) -> None:
+        async for text in ws:
+            if counts(text):
+                counter.add(i)
+                if counter.counts[i] >= n:
+                    counter.event.set()
+                    return
+
+    tasks = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(fronts)]
+    start = time.perf_counter()
+    await write_windowed(send, FRAME, n, counter)
+    await wait_all(counter, n)
+    elapsed = time.perf_counter() - start
+    for task in tasks:
+        task.cancel()
+    return n / elapsed
+
 
 async def relay_citron(url: str, readers: int, n: int) -> float:
     kind = f"bench-{time.monotonic_ns()}"
@@ -75,37 +100,19 @@ async def relay_citron(url: str, readers: int, n: int) -> float:
     await api.send(f'API:run:{{"repo": "bench", "script": [], "type": "{kind}"}}')
     build = json.loads((await api.recv()).split(":", 1)[1])["build"]
     await runner.recv()  # run:
-    counter = Counter(readers)
     fronts = [await ws_connect(url) for _ in range(readers)]
     for front in fronts:
         await front.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
         await front.recv()  # subscribed
         await front.recv()  # state
-
-    async def read(i: int, ws: Any) -> None:
-        async for text in ws:
-            if text.startswith("log:"):
-                counter.add(i)
-                if counter.counts[i] >= n:
-                    counter.event.set()
-                    return
-
-    tasks = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(fronts)]
-    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
-    start = time.perf_counter()
-    await write_windowed(runner.send, frame, n, counter)
-    await wait_all(counter, n)
-    elapsed = time.perf_counter() - start
+    rate = await measure(runner.send, fronts, n, lambda text: text.startswith("log:"))
     await runner.send('RUNNER:process:{"finished":true,"success":true}')
-    for task in tasks:
-        task.cancel()
     for ws in [runner, api, *fronts]:
         await ws.close()
-    return n / elapsed
+    return rate
 
 
 async def relay_raw(url: str, readers: int, n: int) -> float:
-    counter = Counter(readers)
     fronts = []
     for _ in range(readers):
         ws = await ws_connect(url)
@@ -114,25 +121,10 @@ async def relay_raw(url: str, readers: int, n: int) -> float:
     writer = await ws_connect(url)
     await writer.send("writer")
     await asyncio.sleep(0.2)  # let the server see the readers
-
-    async def read(i: int, ws: Any) -> None:
-        async for _ in ws:
-            counter.add(i)
-            if counter.counts[i] >= n:
-                counter.event.set()
-                return
-
-    tasks = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(fronts)]
-    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
-    start = time.perf_counter()
-    await write_windowed(writer.send, frame, n, counter)
-    await wait_all(counter, n)
-    elapsed = time.perf_counter() - start
-    for task in tasks:
-        task.cancel()
+    rate = await measure(writer.send, fronts, n, lambda text: True)
     for ws in [writer, *fronts]:
         await ws.close()
-    return n / elapsed
+    return rate
 
 
 async def relay_sio(url: str, readers: int, n: int) -> float:
@@ -231,9 +223,8 @@ async def fill(url: str, n: int) -> dict[str, Any]:
     await api.send('API:run:{"repo": "bench", "script": [], "type": "replay-bench"}')
     build = json.loads((await api.recv()).split(":", 1)[1])["build"]
     await runner.recv()
-    frame = 'RUNNER:process:{"finished":false,"log":' + json.dumps(LINE) + "}"
     for i in range(n):
-        await runner.send(frame)
+        await runner.send(FRAME)
         if i % 2000 == 0:
             await api.send(f'API:get_build:{{"build": "{build}"}}')
             await api.recv()
