@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -318,3 +319,84 @@ def test_tables_and_json(server: ServerProc) -> None:
         ]
         == "queued"
     )
+
+
+def test_spawn_once_timeout_and_graceful_exit(
+    server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path: Path
+) -> None:
+    runners = spawn(*runner_argv(server.url, "--spawn", "2", "--name", "pool"), log_name="pool")
+    wait_for_runners(server, 2)
+    names = sorted(r["name"] for r in json.loads(citron("runners", server.url, "--json").stdout))
+    assert names == ["pool-1", "pool-2"]
+    # A timeout kills the build and fails it.
+    slow = citron(
+        "submit",
+        server.url,
+        "--repo",
+        str(git_repo),
+        "--script",
+        "sleep 30",
+        "--timeout",
+        "1",
+        "--wait",
+    )
+    assert slow.returncode == 1 and "timed out" in slow.stdout
+    # SIGTERM: the build in flight finishes, then the runner leaves and exits 0.
+    marker = tmp_path / "go"
+    build = citron(
+        "submit",
+        server.url,
+        "--repo",
+        str(git_repo),
+        "--script",
+        f"while [ ! -e {marker} ]; do sleep 0.05; done; echo finished",
+    ).stdout.strip()
+    for _ in range(200):
+        if json.loads(citron("show", server.url, build, "--json").stdout)["state"] == "running":
+            break
+        time.sleep(0.05)
+    runners.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert runners.poll() is None  # still finishing its build
+    marker.touch()
+    assert runners.wait(30) == 0
+    shown = json.loads(citron("show", server.url, build, "--json").stdout)
+    assert shown["state"] == "success"
+    assert json.loads(citron("runners", server.url, "--json").stdout) == []
+    # --once: one build, then exit 0.
+    once = spawn(*runner_argv(server.url, "--once"), log_name="once")
+    wait_for_runners(server)
+    assert (
+        citron(
+            "submit", server.url, "--repo", str(git_repo), "--script", "true", "--wait"
+        ).returncode
+        == 0
+    )
+    assert once.wait(30) == 0
+
+
+def test_logs_follow(server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path: Path) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    marker = tmp_path / "go"
+    build = citron(
+        "submit",
+        server.url,
+        "--repo",
+        str(git_repo),
+        "--script",
+        f"echo before; while [ ! -e {marker} ]; do sleep 0.05; done; echo after",
+    ).stdout.strip()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "citron_client", "logs", server.url, build, "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert follower.stdout is not None
+    for line in follower.stdout:
+        if line == "before\n":
+            break
+    marker.touch()
+    rest, _ = follower.communicate(timeout=30)
+    assert follower.returncode == 0 and "after\n" in rest

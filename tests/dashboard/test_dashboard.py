@@ -198,3 +198,28 @@ async def test_the_page_passes_its_token(server_factory: Any, browser: Any) -> N
     await page.page.locator('#status[data-state="open"]').wait_for()
     await page.page.locator("#runners .empty").wait_for()
     assert page.errors == []
+
+
+async def test_the_builds_list_pages_and_updates_live(server: ServerProc, browser: Any) -> None:
+    from citron_client import Client
+
+    async with Client(server.url) as api:
+        ids = [
+            await api.submit("https://example.org/r.git", ["make"], type="nobody")
+            for _ in range(55)
+        ]
+        page = await open_page(browser, http_base(server) + "#/builds")
+        rows = page.page.locator("#builds tbody tr[data-build]")
+        await page.page.locator(f'#builds tr[data-build="{ids[-1]}"]').wait_for()
+        assert await rows.count() == 50  # newest first, one page
+        assert await rows.first.get_attribute("data-build") == ids[-1]
+        await page.page.click("#older")
+        await page.page.locator(f'#builds tr[data-build="{ids[0]}"]').wait_for()
+        assert await rows.count() == 55
+        assert await page.page.locator("#older").is_hidden()
+        newest = await api.submit("https://example.org/r.git", ["make"], type="nobody")
+        await page.page.locator(f'#builds tbody tr[data-build="{newest}"]').wait_for()
+        assert await rows.first.get_attribute("data-build") == newest
+        await api.cancel(ids[0])
+        await page.page.locator(f'#builds tr[data-build="{ids[0]}"] .badge.cancelled').wait_for()
+    assert page.errors == []
