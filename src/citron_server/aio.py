@@ -133,7 +133,8 @@ class AiohttpTransport:
             await self._runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response(health(self.host))
+        body = health(self.host)
+        return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
     async def _static(self, request: web.Request) -> web.Response:
         found = static_file(request.path)

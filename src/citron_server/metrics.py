@@ -96,8 +96,12 @@ class Metrics:
 def health(host: Host) -> dict[str, Any]:
     """The ``/healthz`` body."""
     counts = host.hub.build_counts()
+    error = host.store.error
+    status = "ok" if host.started else "starting"
+    if error is not None:
+        status = f"store failed: {error}"
     return {
-        "status": "ok" if host.started else "starting",
+        "status": status,
         "runners": host.hub.runner_counts(),
         "builds": {"queued": counts["queued"], "running": counts["running"]},
     }

@@ -69,6 +69,11 @@ class Store(Protocol):
     async def close(self) -> None:
         """Commit everything written, then close."""
 
+    @property
+    def error(self) -> str | None:
+        """Why the store stopped working, if it did (then writes are dropped)."""
+        ...
+
 
 _MIGRATIONS: list[str] = [
     # version 1
@@ -112,6 +117,7 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._failed: BaseException | None = None
         self._gathered: list[Record] = []
+        self.dropped = 0  # records refused after a failure
         self._handoff_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -137,7 +143,14 @@ class SqliteStore:
 
     # -- the interface -----------------------------------------------------------------
 
+    @property
+    def error(self) -> str | None:
+        return None if self._failed is None else str(self._failed)
+
     def write(self, records: Sequence[Record]) -> None:
+        if self._failed is not None:
+            self.dropped += len(records)  # the thread is gone: do not pile up
+            return
         # Records gather on the event loop and go to the thread in one batch
         # every HANDOFF_SECONDS: one wake-up of the thread per batch, not per
         # record, keeps the two threads from trading the GIL on every chunk.
@@ -210,7 +223,7 @@ class SqliteStore:
             self._serve(db)
         except sqlite3.Error as exc:  # disk full, file removed: say it, keep the server up
             self._failed = exc
-            log.error("store failed: %s", exc)
+            log.error("store failed, builds and logs are no longer kept: %s", exc)
             self._fail_pending(exc)
         finally:
             db.close()

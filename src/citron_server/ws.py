@@ -100,7 +100,9 @@ class WebsocketsTransport:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if url.path == "/healthz":
-            return _response(200, json.dumps(health(self.host)).encode(), "application/json")
+            body = health(self.host)
+            status = 200 if body["status"] == "ok" else 503
+            return _response(status, json.dumps(body).encode(), "application/json")
         if url.path == "/metrics":
             return _response(200, self.metrics.render(), CONTENT_TYPE)
         if url.path != "/ws":

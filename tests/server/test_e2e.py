@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -13,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from citron_protocol import BuildState
 
 from ..conftest import ServerFactory, ServerProc
-from ..peers import RawClient, ask, follow, peer, recv, runner, submit
+from ..peers import OPEN, RawClient, ask, follow, peer, recv, runner, submit
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "legacy-php-runner.jsonl"
 
@@ -301,3 +302,27 @@ async def test_too_many_errors_close_with_1008(server: ServerProc) -> None:
             await recv(ws)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert (await ask(other, "WEB:get_runners:")).COMMAND == "runners"
+
+
+async def test_compression_when_asked(server_factory: ServerFactory) -> None:
+    server = server_factory("--compression", "deflate")
+    from websockets.asyncio.client import connect
+
+    async def deflate_peer() -> Any:
+        ws = await connect(server.url, compression="deflate", open_timeout=5)
+        OPEN.append(ws)
+        assert ws.response is not None
+        assert "permessage-deflate" in ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        return ws
+
+    r, api, web = await deflate_peer(), await deflate_peer(), await deflate_peer()
+    await r.send('RUNNER:init:{"type": "simple"}')
+    await recv(r)
+    build = await submit(api)
+    await recv(r)
+    await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    lines = [f"compressed line {i} " + "z" * 200 + "\n" for i in range(300)]
+    for line in lines:
+        await r.send(json_frame(line))
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    assert [text for _, text in await follow(web, build)] == lines
