@@ -193,7 +193,12 @@ class BuildsView {
 
   push(command, payload) {
     if (command !== "state") return;
-    if (!this.builds.has(payload.id)) this.order.unshift(payload.id);
+    if (!this.builds.has(payload.id)) {
+      // A new build goes on top; an old one not on the loaded pages stays off.
+      const newest = this.order.length ? this.builds.get(this.order[0]) : null;
+      if (newest && payload.created < newest.created) return;
+      this.order.unshift(payload.id);
+    }
     this.builds.set(payload.id, payload);
     this.render();
   }
