@@ -47,6 +47,8 @@ __all__ = ["DOCUMENTED_CLOSES", "Case", "Fuzzer", "Report", "Violation"]
 
 #: Close codes docs/protocol.md and docs/operations.md document.
 DOCUMENTED_CLOSES = frozenset({1000, 1001, 1007, 1008, 1009, 1011, 4001, 4002, 4008})
+#: 1011 is documented, but for a server under fuzzing it means an internal error.
+INTERNAL_ERROR = 1011
 #: Codes that depend on the state of the server, so any valid frame may get them.
 STATE_CODES = frozenset(
     {"not_registered", "no_build", "unknown_build", "bad_state", "too_large", "role_mismatch"}
@@ -378,6 +380,8 @@ class _Lane:
                 fuzzer.report.answers[answer] += 1
                 if text.code not in DOCUMENTED_CLOSES:
                     fuzzer.violation(case, f"closed with the undocumented code {text.code}")
+                elif text.code == INTERNAL_ERROR:
+                    fuzzer.violation(case, "closed with 1011: the server hit an internal error")
                 elif answer not in allowed and text.code not in (1008,):
                     fuzzer.violation(
                         case, f"closed with {text.code}, expected {' or '.join(sorted(allowed))}"

@@ -208,6 +208,7 @@ class Host:
         self.connections: dict[int, Connection] = {}
         self._dirty: list[Connection] = []
         self.slow_consumers = 0
+        self.internal_errors = 0
         self.started = False
         self._ids = itertools.count(1)
         self._timer: asyncio.Task[None] | None = None
@@ -275,10 +276,22 @@ class Host:
         return conn
 
     def receive(self, conn: Connection, text: str) -> None:
-        self.apply(self.hub.receive(conn.id, text, self.now()))
+        try:
+            fx = self.hub.receive(conn.id, text, self.now())
+        except Exception:  # noqa: BLE001 - a bug in the hub must not take the server down
+            self._internal_error(conn, text)
+            return
+        self.apply(fx)
 
     def receive_binary(self, conn: Connection) -> None:
         self.apply(self.hub.receive_binary(conn.id, self.now()))
+
+    def _internal_error(self, conn: Connection, text: str) -> None:
+        """The hub raised: log it with the frame, close that connection with
+        1011, keep serving the others."""
+        self.internal_errors += 1
+        log.exception("connection %d: internal error on the frame %r", conn.id, text[:200])
+        conn.close(1011, "internal error")
 
     def closed(self, conn: Connection, code: int | None = None) -> None:
         """The connection is closed (its reader ended)."""

@@ -64,6 +64,11 @@ class _HubCollector(Collector):
             "citron_log_bytes_stored", "Log bytes stored since start", value=stats.log_bytes
         )
         yield CounterMetricFamily(
+            "citron_internal_errors",
+            "Frames that raised inside the hub (connection closed with 1011)",
+            value=self.host.internal_errors,
+        )
+        yield CounterMetricFamily(
             "citron_slow_consumer_disconnects",
             "Connections closed with 4008",
             value=self.host.slow_consumers,
