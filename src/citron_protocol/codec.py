@@ -425,11 +425,7 @@ def fast_runner_log(value: dict[str, Any]) -> RunnerLog | None:
     if type(log) is not str or value.get("finished") is not False:
         return None
     if len(value) == 2:
-        message = _new(RunnerLog)
-        _SET_LOG(message, log)
-        _SET_BUILD(message, None)
-        _SET_SEQ(message, None)
-        return message
+        build = seq = None
     else:
         build = value.get("build")
         seq = value.get("seq")
