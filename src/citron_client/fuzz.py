@@ -81,7 +81,7 @@ class Violation:
     problem: str
 
     def reproducer(self, url: str, seed: int) -> str:
-        if self.case.index < 0:  # a flood or a health check: rerun with the seed
+        if self.case.index == -1:  # a flood or a health check: rerun with the seed
             return (
                 f"seed {seed} {self.case.kind}: {self.problem}\n    citron fuzz {url} --seed {seed}"
             )
@@ -314,12 +314,14 @@ class _Lane:
         if self.wire is None or self.wire.closed is not None:
             self.wire = await Wire.open(self.fuzzer.url, self.fuzzer.tokens.get(self.role))
             # Fix the connection's role with a frame whose answer is known.
-            if self.role is Role.RUNNER:
+            if self.role is Role.RUNNER:  # a runner frame before init: out of order
                 probe, allowed = f"{self.role}:unregister:", {"error:not_registered"}
+                kind = "out_of_order"
             else:
-                probe, allowed = f"{self.role}:get_runners:", {"reply:runners"}
+                probe, allowed, kind = f"{self.role}:get_runners:", {"reply:runners"}, "probe"
+            self.fuzzer.report.sent[kind] += 1
             await self.wire.send(probe)
-            await self._answer(Case("probe", self.role, probe, -1), allowed, True)
+            await self._answer(Case(kind, self.role, probe, -2), allowed, True)
         return self.wire
 
     def expectation(self, case: Case) -> tuple[set[str], bool]:
