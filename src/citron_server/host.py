@@ -151,7 +151,7 @@ class Connection:
             return
         self.queue.extend(batch)
         self.queued += sum(map(len, batch))
-        self.wake.set()
+        self._wake_writer()
 
     def _slow(self) -> None:
         """The outbox overflowed: drop it and close with 4008."""
@@ -172,7 +172,13 @@ class Connection:
         if self.closing is None and not self.gone:
             self.flush()
             self.closing = (code, reason)
-            self.wake.set()
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """The writer task exists only once something must wait for it."""
+        if self.writer is None:
+            self.writer = asyncio.create_task(self.run_writer())
+        self.wake.set()
 
     async def run_writer(self) -> None:
         try:
@@ -251,7 +257,11 @@ class Host:
             now = self.now()
             delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
             await asyncio.sleep(max(delay, 0.01))
-            self.apply(self.hub.advance(self.now()))
+            try:
+                self.apply(self.hub.advance(self.now()))
+            except Exception:  # the timers must keep running
+                self.internal_errors += 1
+                log.exception("internal error while advancing the hub's timers")
 
     def dirty(self, conn: Connection) -> None:
         """``conn`` has frames to write at the end of this turn of the loop."""
@@ -268,7 +278,6 @@ class Host:
 
     def open(self, peer: Peer, roles: Iterable[Role]) -> Connection:
         conn = Connection(id=next(self._ids), peer=peer, host=self)
-        conn.writer = asyncio.create_task(conn.run_writer())
         self.connections[conn.id] = conn
         roles = frozenset(roles)
         log.info("connection %d opened (roles %s)", conn.id, ",".join(sorted(roles)))
