@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -60,8 +60,9 @@ from .connection import (
     Backoff,
     ClientError,
     ConnectionLost,
+    Endpoints,
     RequestError,
-    open_connection,
+    open_any,
 )
 
 __all__ = ["Client", "FollowEvent"]
@@ -83,14 +84,15 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         role: Role = Role.API,
         reconnect: bool = True,
         backoff_cap: float = 30.0,
     ) -> None:
-        self.url, self.token, self.role = url, token, role
+        self.endpoints = Endpoints(url)
+        self.token, self.role = token, role
         self.reconnect = reconnect
         self._proto = ClientProtocol(role)
         self._ws: ClientConnection | None = None
@@ -107,7 +109,7 @@ class Client:
 
     async def connect(self) -> Client:
         """Open the connection. Raises ConnectError or AuthError at once."""
-        self._ws = await open_connection(self.url, self.token)
+        self._ws = await open_any(self.endpoints, self.token)
         self._connected.set()
         self._reader = asyncio.create_task(self._read_loop())
         return self
@@ -276,18 +278,18 @@ class Client:
         while not self._closed:
             await self._backoff.sleep()
             try:
-                self._ws = await open_connection(self.url, self.token)
+                self._ws = await open_any(self.endpoints, self.token)
             except AuthError as exc:
                 self._fatal = exc
                 self._fail_followers(exc)
                 return
             except ClientError as exc:
-                log.info("reconnecting to %s: %s", self.url, exc)
+                log.info("reconnecting to %s: %s", self.endpoints, exc)
                 continue
             self._backoff.reset()
             self._proto = ClientProtocol(self.role)
             self._connected.set()
-            log.info("reconnected to %s", self.url)
+            log.info("reconnected to %s", self.endpoints.current)
             for build in list(self._followers):
                 task = asyncio.create_task(self._resubscribe(build))
                 self._tasks.add(task)

@@ -67,7 +67,11 @@ def build_parser() -> _Parser:
 
     def command(name: str, help: str) -> _Parser:
         p: _Parser = sub.add_parser(name, help=help, description=help)
-        p.add_argument("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws")
+        p.add_argument(
+            "url",
+            help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws;"
+            " several, comma-separated: tried in turn",
+        )
         p.add_argument(
             "--token", default=os.environ.get("CITRON_TOKEN"), help="token (or CITRON_TOKEN)"
         )
@@ -340,9 +344,9 @@ async def _run(args: argparse.Namespace) -> int:
         return await _conformance(args)
     out = Output(args.json)
     role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
-    async with Client(
-        args.url, token=args.token, role=role, reconnect=args.command in ("logs", "submit")
-    ) as client:
+    urls = args.url.split(",")
+    reconnect = args.command in ("logs", "submit")
+    async with Client(urls, token=args.token, role=role, reconnect=reconnect) as client:
         if args.command == "submit":
             build = await client.submit(
                 args.repo,

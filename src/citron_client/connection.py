@@ -12,10 +12,12 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 __all__ = [
     "AuthError",
     "Backoff",
+    "Endpoints",
     "ClientError",
     "ConnectError",
     "ConnectionLost",
     "RequestError",
+    "open_any",
     "open_connection",
 ]
 
@@ -90,3 +92,41 @@ async def open_connection(url: str, token: str | None) -> ClientConnection:
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise ConnectError(f"{url}: cannot connect: {reason}") from None
+
+
+class Endpoints:
+    """One server URL or several (the nodes of one citron deployment), tried
+    in turn: each failure to connect moves on to the next."""
+
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        self.urls = [urls] if isinstance(urls, str) else [u for u in urls if u]
+        if not self.urls:
+            raise ValueError("at least one server URL is needed")
+        self._next = 0
+
+    @property
+    def current(self) -> str:
+        return self.urls[self._next % len(self.urls)]
+
+    def rotate(self) -> None:
+        self._next += 1
+
+    def __str__(self) -> str:
+        return ", ".join(self.urls)
+
+
+async def open_any(endpoints: Endpoints, token: str | None) -> ClientConnection:
+    """Connect to the first URL that answers, starting with the current one.
+
+    Raises :class:`AuthError` at once (the token will not do better
+    elsewhere), or the last :class:`ConnectError` when none answers.
+    """
+    last: ConnectError | None = None
+    for _ in endpoints.urls:
+        try:
+            return await open_connection(endpoints.current, token)
+        except ConnectError as exc:
+            last = exc
+            endpoints.rotate()
+    assert last is not None
+    raise last

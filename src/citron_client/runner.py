@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -45,7 +45,7 @@ from citron_protocol import (
     UsageError,
 )
 
-from .connection import AuthError, Backoff, ConnectError, open_connection
+from .connection import AuthError, Backoff, ConnectError, Endpoints, open_any
 from .masking import SecretMasker
 
 __all__ = ["BuildContext", "Runner", "RunnerHost", "run_runner"]
@@ -103,13 +103,14 @@ class RunnerHost:
     def __init__(
         self,
         runner: Runner,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         once: bool = False,
         backoff_cap: float = 30.0,
     ) -> None:
-        self.runner, self.url, self.token, self.once = runner, url, token, once
+        self.runner, self.token, self.once = runner, token, once
+        self.endpoints = Endpoints(url)
         self.proto = RunnerProtocol(type=runner.type, name=runner.name)
         self.builds_run = 0
         self._backoff = Backoff(cap=backoff_cap)
@@ -147,7 +148,7 @@ class RunnerHost:
         first = True
         while not self._done:
             try:
-                ws = await open_connection(self.url, self.token)
+                ws = await open_any(self.endpoints, self.token)
             except ConnectError:
                 if first:
                     raise
@@ -253,7 +254,8 @@ class RunnerHost:
 
 
 async def run_runner(
-    runner: Runner, url: str, *, token: str | None = None, once: bool = False
+    runner: Runner, url: str | Sequence[str], *, token: str | None = None, once: bool = False
 ) -> None:
-    """Serve ``runner`` on the server at ``url`` until it is told to stop."""
+    """Serve ``runner`` on the server at ``url`` (or the first of several
+    URLs that answers, rotating on reconnects) until it is told to stop."""
     await RunnerHost(runner, url, token=token, once=once).serve()

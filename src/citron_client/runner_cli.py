@@ -48,7 +48,11 @@ def build_parser() -> _Parser:
         description="Run builds from a citron server: clone the repository, run each "
         "script line with bash, stream the output.",
     )
-    parser.add_argument("url", help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws")
+    parser.add_argument(
+        "url",
+        nargs="+",
+        help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws; several: tried in turn",
+    )
     parser.add_argument("--type", default="simple", help="runner type (default simple)")
     parser.add_argument("--name", help="a name shown to people")
     parser.add_argument(

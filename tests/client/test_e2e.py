@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -400,3 +401,22 @@ def test_logs_follow(server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path:
     marker.touch()
     rest, _ = follower.communicate(timeout=30)
     assert follower.returncode == 0 and "after\n" in rest
+
+
+def test_several_urls_are_tried_in_turn(server_factory: Any, spawn: Spawn, git_repo: Path) -> None:
+    first, second = server_factory(), server_factory()
+    dead = "ws://127.0.0.1:9/ws"
+    runner = spawn(*runner_argv(first.url, second.url), log_name="runner")
+    wait_for_runners(first)
+    # The CLI takes a comma-separated list and skips what does not answer.
+    listed = citron("runners", f"{dead},{first.url}", "--json")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1
+    first.kill9()  # the runner moves on to the next URL
+    wait_for_runners(second)
+    result = citron(
+        "submit", f"{dead},{second.url}", "--repo", str(git_repo), "--script", "true", "--wait"
+    )
+    assert result.returncode == 0, result.stderr
+    assert runner.poll() is None
+    none = citron("runners", f"{dead},ws://127.0.0.1:10/ws")
+    assert none.returncode == 69 and "cannot connect" in none.stderr

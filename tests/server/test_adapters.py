@@ -52,7 +52,7 @@ async def test_a_hub_bug_closes_only_its_connection() -> None:
     host.hub._handlers[GetRunners] = explode
     host.receive(a, "API:get_runners:")
     host.hub._handlers.pop(GetRunners)
-    host.receive(b, "WEB:get_build:{\"build\": \"x\"}")
+    host.receive(b, 'WEB:get_build:{"build": "x"}')
     await asyncio.sleep(0.05)
     assert broken.closed == (1011, "internal error")
     assert fine.closed is None and fine.sent and "unknown_build" in fine.sent[-1]
