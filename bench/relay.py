@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 readers: set = set()
 
@@ -70,6 +71,14 @@ async def serve_aiohttp() -> None:
 
     app = web.Application()
     app.router.add_get("/ws", handler)
+    await serve_app(app)
+
+
+async def serve_app(app: Any) -> None:
+    """Serve an aiohttp application on a free loopback port, print the port,
+    and run until killed."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -10,6 +10,8 @@ import asyncio
 import socketio
 from aiohttp import web
 
+from .relay import serve_app
+
 
 async def main() -> None:
     sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins=[])
@@ -24,12 +26,7 @@ async def main() -> None:
 
     app = web.Application()
     sio.attach(app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(runner.addresses[0][1], flush=True)
-    await asyncio.Future()
+    await serve_app(app)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@ subprocesses, against a real citron-server."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -64,16 +69,56 @@ def runner_argv(url: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "citron_client.runner_cli", url, *args]
 
 
-def citron(
-    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+def run_module(
+    module: str,
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m module args...`` to the end, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "citron_client", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
+
+
+def citron(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_module("citron_client", *args, timeout=timeout, env=env)
+
+
+def submit(server_url: str, repo: Path | str, *script: str) -> str:
+    """``citron submit``: the build's id."""
+    args = ["submit", server_url, "--repo", str(repo)]
+    for line in script:
+        args += ["--script", line]
+    result = citron(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def show(server_url: str, build: str) -> dict[str, Any]:
+    """``citron show --json``: the build object."""
+    result = citron("show", server_url, build, "--json")
+    assert result.returncode == 0, result.stderr
+    shown: dict[str, Any] = json.loads(result.stdout)
+    return shown
+
+
+def eventually(check: Callable[[], T | None], what: str, tries: int = 400) -> T:
+    """Poll ``check`` until it returns something; fail naming ``what``."""
+    for _ in range(tries):
+        found = check()
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
 
 
 def citron_popen(*args: str) -> subprocess.Popen[str]:

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
@@ -28,6 +29,7 @@ from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo, c
 
 from .api import Client
 from .connection import AuthError, ConnectError, ConnectionLost, RequestError
+from .wire import Wire
 
 __all__ = ["main"]
 
@@ -275,6 +277,13 @@ def _tokens(args: argparse.Namespace) -> dict[Role, str | None]:
     }
 
 
+async def _reachable(url: str, token: str | None) -> None:
+    """Fail at once, with one line, when the server cannot be reached at all
+    (rather than report every frame or check as failed)."""
+    wire = await Wire.open(url, token)
+    await wire.close()
+
+
 async def _fuzz(args: argparse.Namespace) -> int:
     import random
 
@@ -282,6 +291,7 @@ async def _fuzz(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     roles = list(Role) if args.role == "ALL" else [Role(args.role)]
+    await _reachable(args.url, _tokens(args)[roles[0]])
     fuzzer = Fuzzer(
         args.url,
         _tokens(args),
@@ -311,11 +321,14 @@ async def _conformance(args: argparse.Namespace) -> int:
     if args.runner:
         if not args.command_argv:
             raise UsageError("conformance --runner needs the runner command after --")
+        if shutil.which(args.command_argv[0]) is None:
+            raise UsageError(f"cannot start the runner command: {args.command_argv[0]!r} not found")
         results = await RunnerConformance(args.command_argv, cancel_grace=args.cancel_grace).run()
         title = f"citron conformance --runner -- {' '.join(args.command_argv)}"
     else:
         if not args.url or args.command_argv:
             raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
+        await _reachable(args.url, _tokens(args)[Role.WEB])
         checker = ServerConformance(
             args.url,
             _tokens(args),

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from citron_protocol import BuildState
+
 from .host import Host
 
 __all__ = ["CONTENT_TYPE", "Metrics", "health"]
@@ -108,5 +110,5 @@ def health(host: Host) -> dict[str, Any]:
     return {
         "status": status,
         "runners": host.hub.runner_counts(),
-        "builds": {"queued": counts["queued"], "running": counts["running"]},
+        "builds": {state: counts[state] for state in (BuildState.QUEUED, BuildState.RUNNING)},
     }

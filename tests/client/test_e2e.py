@@ -19,18 +19,32 @@ from citron_client import Client, RequestError
 from citron_protocol import BuildState, LogChunk
 
 from ..conftest import ServerFactory, ServerProc
-from ..procs import Spawn, citron, citron_popen, runner_argv
+from ..procs import Spawn, citron, citron_popen, eventually, runner_argv, show, submit
 
 ROOT = Path(__file__).parents[2]
 
 
 def wait_for_runners(server: ServerProc, n: int = 1) -> None:
-    for _ in range(200):
+    def registered() -> bool | None:
         result = citron("runners", server.url, "--json")
-        if result.returncode == 0 and len(json.loads(result.stdout)) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the runner did not register")
+        return True if result.returncode == 0 and len(json.loads(result.stdout)) >= n else None
+
+    eventually(registered, f"{n} runner(s) registered", tries=200)
+
+
+def sleeping(tag: str) -> bool:
+    """Whether a process whose command line has ``sleep TAG`` runs."""
+    return subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 0
+
+
+def state_is(server: ServerProc, build: str, *states: str) -> Any:
+    """A check for ``eventually``: the build object once it is in ``states``."""
+
+    def check() -> dict[str, Any] | None:
+        shown = show(server.url, build)
+        return shown if shown["state"] in states else None
+
+    return check
 
 
 def stored_log(server: ServerProc, build: str) -> str:
@@ -120,23 +134,15 @@ def test_cancel_kills_the_whole_build(server: ServerProc, spawn: Spawn, git_repo
     spawn(*runner_argv(server.url), log_name="runner")
     wait_for_runners(server)
     tag = "600.4242"
-    submitted = citron(
-        "submit", server.url, "--repo", str(git_repo), "--script", f"sleep {tag} & sleep {tag}"
-    )
-    build = submitted.stdout.strip()
-    for _ in range(200):
-        if subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 0:
-            break
-        time.sleep(0.05)
+    build = submit(server.url, git_repo, f"sleep {tag} & sleep {tag}")
+    eventually(lambda: sleeping(tag) or None, "the build's sleep started", tries=200)
     cancelled = citron("cancel", server.url, build)
     assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout
-    for _ in range(200):
-        shown = json.loads(citron("show", server.url, build, "--json").stdout)
-        if shown["state"] == "cancelled":
-            break
-        time.sleep(0.05)
+    shown = eventually(
+        state_is(server, build, "cancelled", "failure", "success"), "the build ended"
+    )
     assert shown["state"] == "cancelled"
-    assert subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True).returncode == 1
+    assert not sleeping(tag)
     assert "[citron-runner] cancelled" in stored_log(server, build)
 
 
@@ -146,18 +152,15 @@ def test_server_restart_mid_build_loses_no_line(
     spawn(*runner_argv(server.url), log_name="runner")
     wait_for_runners(server)
     script = "for i in $(seq 1 300); do echo line $i; sleep 0.01; done"
-    build = citron("submit", server.url, "--repo", str(git_repo), "--script", script).stdout.strip()
-    for _ in range(400):
-        log = stored_log(server, build)
-        if "line 40\n" in log:
-            break
+    build = submit(server.url, git_repo, script)
+    eventually(lambda: "line 40\n" in stored_log(server, build) or None, "line 40 stored")
     server.kill9()
     server.restart()
-    for _ in range(600):
-        shown = json.loads(citron("show", server.url, build, "--json").stdout)
-        if shown["state"] != "running":
-            break
-        time.sleep(0.05)
+    shown = eventually(
+        state_is(server, build, "success", "failure", "lost", "cancelled", "queued"),
+        "the build ended",
+        tries=600,
+    )
     assert shown["state"] == "success", shown
     assert shown["attempt"] == 1
     lines = [line for line in stored_log(server, build).splitlines() if line.startswith("line ")]
@@ -344,25 +347,16 @@ def test_spawn_once_timeout_and_graceful_exit(
     assert slow.returncode == 1 and "timed out" in slow.stdout
     # SIGTERM: the build in flight finishes, then the runner leaves and exits 0.
     marker = tmp_path / "go"
-    build = citron(
-        "submit",
-        server.url,
-        "--repo",
-        str(git_repo),
-        "--script",
-        f"while [ ! -e {marker} ]; do sleep 0.05; done; echo finished",
-    ).stdout.strip()
-    for _ in range(200):
-        if json.loads(citron("show", server.url, build, "--json").stdout)["state"] == "running":
-            break
-        time.sleep(0.05)
+    build = submit(
+        server.url, git_repo, f"while [ ! -e {marker} ]; do sleep 0.05; done; echo finished"
+    )
+    eventually(state_is(server, build, "running"), "the build running", tries=200)
     runners.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert runners.poll() is None  # still finishing its build
     marker.touch()
     assert runners.wait(30) == 0
-    shown = json.loads(citron("show", server.url, build, "--json").stdout)
-    assert shown["state"] == "success"
+    assert show(server.url, build)["state"] == "success"
     assert json.loads(citron("runners", server.url, "--json").stdout) == []
     # --once: one build, then exit 0.
     once = spawn(*runner_argv(server.url, "--once"), log_name="once")
@@ -380,14 +374,11 @@ def test_logs_follow(server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path:
     spawn(*runner_argv(server.url), log_name="runner")
     wait_for_runners(server)
     marker = tmp_path / "go"
-    build = citron(
-        "submit",
+    build = submit(
         server.url,
-        "--repo",
-        str(git_repo),
-        "--script",
+        git_repo,
         f"echo before; while [ ! -e {marker} ]; do sleep 0.05; done; echo after",
-    ).stdout.strip()
+    )
     follower = subprocess.Popen(
         [sys.executable, "-m", "citron_client", "logs", server.url, build, "--follow"],
         stdout=subprocess.PIPE,

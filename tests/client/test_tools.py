@@ -180,3 +180,18 @@ def test_conformance_usage_errors() -> None:
     assert citron("conformance").returncode == 64
     assert citron("conformance", "--runner").returncode == 64
     assert citron("runners", "ws://x/ws", "--", "echo").returncode == 64
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["conformance", "--runner", "--", "/no/such/runner"], 64, "cannot start the runner"),
+        (["conformance", "ws://127.0.0.1:9/ws"], 69, "cannot connect"),
+        (["fuzz", "ws://127.0.0.1:9/ws", "--frames", "10"], 69, "cannot connect"),
+    ],
+)
+def test_tools_fail_in_one_line(args: list[str], code: int, needle: str) -> None:
+    result = citron(*args)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.startswith("citron: error: ") and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

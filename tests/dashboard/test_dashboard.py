@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from .. import procs
 from ..conftest import ServerProc
-from ..procs import Spawn, citron, runner_argv
+from ..procs import Spawn, runner_argv
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -69,12 +70,7 @@ async def open_page(browser: Any, url: str, height: int = 900) -> Page:
 
 
 async def submit(server: ServerProc, repo: Path, *script: str) -> str:
-    args = ["submit", server.url, "--repo", str(repo)]
-    for line in script:
-        args += ["--script", line]
-    result = await asyncio.to_thread(citron, *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return await asyncio.to_thread(procs.submit, server.url, repo, *script)
 
 
 async def log_lines(page: Page) -> list[tuple[int, str]]:

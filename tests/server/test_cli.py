@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,13 @@ import pytest
 
 from ..conftest import ServerFactory
 from ..peers import RawClient
+from ..procs import run_module
 
 
 def run(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "citron_server", *args],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
+    return run_module("citron_server", *args, timeout=20, env=env, cwd=cwd)
 
 
 def test_help() -> None:
