@@ -25,9 +25,11 @@ from cattrs.errors import BaseValidationError, ClassValidationError, IterableVal
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .errors import (
+    ErrorCode,
     Forbidden,
     InvalidPayload,
     MalformedFrame,
+    ProtocolError,
     UnknownCommand,
     UnknownRole,
 )
@@ -74,6 +76,7 @@ from .messages import (
 __all__ = [
     "CLIENT_COMMANDS",
     "SERVER_COMMANDS",
+    "answer_unavailable",
     "converter",
     "decode",
     "decode_client",
@@ -492,6 +495,24 @@ def peek_req(payload: str) -> str | None:
         return _req_of(orjson.loads(payload))
     except orjson.JSONDecodeError:
         return None
+
+
+def answer_unavailable(text: str, message: str) -> str | None:
+    """What a server that cannot reach its shared state answers to a client frame.
+
+    An API or WEB request gets an ``error`` frame with the code
+    ``unavailable`` that echoes its ``req``: the client may retry it. A RUNNER
+    frame gets None: it is part of a stream the hub must see whole and in
+    order, so the server holds it until it can apply it, or closes the
+    connection so that the runner resumes and sends it again.
+    """
+    try:
+        role, _, payload = split_client(text)
+    except ProtocolError:
+        role, payload = None, ""
+    if role is Role.RUNNER:
+        return None
+    return encode(Error(code=ErrorCode.UNAVAILABLE.value, message=message, req=peek_req(payload)))
 
 
 def parse_client(role: Role, command: str, payload: str) -> ClientMessage:

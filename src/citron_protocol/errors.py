@@ -51,6 +51,7 @@ class ErrorCode(StrEnum):
     NO_BUILD = "no_build"
     UNKNOWN_BUILD = "unknown_build"
     BAD_STATE = "bad_state"
+    UNAVAILABLE = "unavailable"
 
 
 class CitronError(Exception):

@@ -323,6 +323,7 @@ class Hub:
         self._deadlines: dict[str, float] = {}  # build id -> grace or cancel deadline
         self._loads: dict[int, _Sub] = {}
         self._counter = itertools.count(1)
+        self._requests = itertools.count(1)  # apart: loads are local to a host
         self._number = 0
         self._handlers: dict[type[Any], Callable[[_Conn, Any], None]] = {
             RunnerInit: self._on_init,
@@ -971,7 +972,7 @@ class Hub:
             self._send(c.id, StateChange(build=build.info()))
 
     def _request_page(self, sub: _Sub) -> None:
-        request = next(self._counter)
+        request = next(self._requests)
         self._loads[request] = sub
         self._fx.loads.append(
             LoadLog(

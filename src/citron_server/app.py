@@ -16,7 +16,7 @@ from citron_protocol import HubConfig, Role
 from .host import Auth, Host, HostConfig
 from .metrics import Metrics
 from .settings import ConfigError, Settings, parse_settings
-from .store import SqliteStore, StoreError
+from .store import SqliteStore, Store, StoreError
 
 __all__ = ["main", "serve"]
 
@@ -37,14 +37,32 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the server until ``stop`` is set; raises StoreError if the database
     cannot be used, OSError if the address cannot be bound."""
     metrics = Metrics()
-    store = SqliteStore(settings.db, on_commit=metrics.on_commit)
     hub_config = HubConfig(
         log_cap=settings.log_cap,
         lost_grace=settings.lost_grace,
         retry_lost=settings.retry_lost,
         cancel_timeout=settings.cancel_timeout,
     )
-    host = Host(store, hub_config, HostConfig(max_buffer=settings.max_buffer))
+    host_config = HostConfig(max_buffer=settings.max_buffer)
+    store: Store
+    host: Host
+    if settings.engine == "sqlite":
+        store = SqliteStore(settings.db, on_commit=metrics.on_commit)
+        host = Host(store, hub_config, host_config)
+    else:
+        from .cluster import ClusterConfig, ClusterHost, RedisStore
+
+        redis_store = RedisStore(
+            ClusterConfig(
+                url=settings.engine,
+                lease=settings.node_lease,
+                log_retention=settings.log_retention,
+            )
+        )
+        store = redis_store
+        cluster_host = ClusterHost(redis_store, hub_config, host_config)
+        host = cluster_host
+        engine_line = f"engine {_redacted(settings.engine)} (Redis, node {cluster_host.node})"
     metrics.watch(host)
     auth = Auth(
         {
@@ -71,8 +89,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     _say(f"listening on ws://{where}:{port}/ws")
     _say(f"transport {settings.transport}, compression {settings.compression}")
-    db = settings.db if settings.db == ":memory:" else str(Path(settings.db).resolve())
-    _say(f"database {db} (SQLite{', nothing is kept' if settings.db == ':memory:' else ', WAL'})")
+    if settings.engine == "sqlite":
+        db = settings.db if settings.db == ":memory:" else str(Path(settings.db).resolve())
+        kept = ", nothing is kept" if settings.db == ":memory:" else ", WAL"
+        _say(f"database {db} (SQLite{kept})")
+    else:
+        _say(engine_line)
     open_roles = sorted(auth.open_roles)
     if open_roles:
         _say(f"open roles (no token needed): {', '.join(open_roles)}")
@@ -83,6 +105,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await transport.stop_accepting()
     await host.shutdown()
     await transport.close()
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def main(argv: Sequence[str] | None = None) -> int:

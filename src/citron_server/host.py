@@ -114,7 +114,7 @@ class Connection:
     is not on the wire yet counts against ``max_buffer``.
     """
 
-    id: int
+    id: int | str
     peer: Peer
     host: Host
     batch: list[str] = attrs.Factory(list)
@@ -157,7 +157,7 @@ class Connection:
         """The outbox overflowed: drop it and close with 4008."""
         self.host.slow_consumers += 1
         log.warning(
-            "connection %d: slow consumer (%d bytes waiting, %d in the transport), closing",
+            "connection %s: slow consumer (%d bytes waiting, %d in the transport), closing",
             self.id,
             self.batched + self.queued,
             self.peer.buffered(),
@@ -211,7 +211,7 @@ class Host:
         self.store = store
         self.config = config or HostConfig()
         self.hub = hub or Hub(RandomIds(), hub_config)
-        self.connections: dict[int, Connection] = {}
+        self.connections: dict[int | str, Connection] = {}
         self._dirty: list[Connection] = []
         self.slow_consumers = 0
         self.internal_errors = 0
@@ -237,6 +237,16 @@ class Host:
 
     async def shutdown(self) -> None:
         """Close every connection with 1001, then commit and close the store."""
+        await self.close_connections()
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.store.close()
+
+    async def close_connections(self) -> None:
+        """Close every connection with 1001 (what is queued is dropped) and
+        wait up to 3 s for the closes to go out."""
         for conn in list(self.connections.values()):
             conn.batch, conn.batched = [], 0
             conn.queue.clear()
@@ -245,11 +255,6 @@ class Host:
         writers = [c.writer for c in self.connections.values() if c.writer is not None]
         if writers:
             await asyncio.wait(writers, timeout=3)
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await self.store.close()
 
     async def _tick(self) -> None:
         while True:
@@ -277,14 +282,28 @@ class Host:
     # -- what adapters report --------------------------------------------------------
 
     def open(self, peer: Peer, roles: Iterable[Role]) -> Connection:
-        conn = Connection(id=next(self._ids), peer=peer, host=self)
+        conn = Connection(id=self._new_conn_id(), peer=peer, host=self)
         self.connections[conn.id] = conn
         roles = frozenset(roles)
-        log.info("connection %d opened (roles %s)", conn.id, ",".join(sorted(roles)))
-        self.apply(self.hub.connect(conn.id, roles, self.now()))
+        log.info("connection %s opened (roles %s)", conn.id, ",".join(sorted(roles)))
+        self._hub_connect(conn, roles)
         return conn
 
     def receive(self, conn: Connection, text: str) -> None:
+        self._hub_receive(conn, text)
+
+    def receive_binary(self, conn: Connection) -> None:
+        self._hub_binary(conn)
+
+    # The hub's inputs. An engine that replicates the hub overrides these four.
+
+    def _new_conn_id(self) -> int | str:
+        return next(self._ids)
+
+    def _hub_connect(self, conn: Connection, roles: frozenset[Role]) -> None:
+        self.apply(self.hub.connect(conn.id, roles, self.now()))
+
+    def _hub_receive(self, conn: Connection, text: str) -> None:
         try:
             fx = self.hub.receive(conn.id, text, self.now())
         except Exception:  # noqa: BLE001 - a bug in the hub must not take the server down
@@ -292,14 +311,17 @@ class Host:
             return
         self.apply(fx)
 
-    def receive_binary(self, conn: Connection) -> None:
+    def _hub_binary(self, conn: Connection) -> None:
         self.apply(self.hub.receive_binary(conn.id, self.now()))
+
+    def _hub_disconnect(self, conn: Connection) -> None:
+        self.apply(self.hub.disconnect(conn.id, self.now()))
 
     def _internal_error(self, conn: Connection, text: str) -> None:
         """The hub raised: log it with the frame, close that connection with
         1011, keep serving the others."""
         self.internal_errors += 1
-        log.exception("connection %d: internal error on the frame %r", conn.id, text[:200])
+        log.exception("connection %s: internal error on the frame %r", conn.id, text[:200])
         conn.close(1011, "internal error")
 
     def closed(self, conn: Connection, code: int | None = None) -> None:
@@ -315,8 +337,8 @@ class Host:
         if conn.writer is not None and conn.closing is None:
             conn.writer.cancel()
         self.connections.pop(conn.id, None)
-        log.info("connection %d closed (role %s, code %s)", conn.id, role or "-", code)
-        self.apply(self.hub.disconnect(conn.id, self.now()))
+        log.info("connection %s closed (role %s, code %s)", conn.id, role or "-", code)
+        self._hub_disconnect(conn)
 
     # -- carrying out the hub's answer ---------------------------------------------------
 
@@ -340,7 +362,7 @@ class Host:
         for close in fx.closes:
             conn = conns.get(close.conn)  # type: ignore[call-overload]
             if conn is not None:
-                log.info("connection %d: closing (%d %s)", conn.id, close.code, close.reason)
+                log.info("connection %s: closing (%d %s)", conn.id, close.code, close.reason)
                 conn.close(close.code, close.reason)
         for load in fx.loads:
             task = asyncio.create_task(self._load(load))

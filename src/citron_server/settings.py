@@ -24,6 +24,9 @@ class Settings:
     port: int = 8765
     transport: str = "websockets"
     db: str = "citron.db"
+    engine: str = "sqlite"
+    node_lease: float = 5.0
+    log_retention: float | None = None
     runner_token: str | None = None
     api_token: str | None = None
     web_token: str | None = None
@@ -84,6 +87,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _engine(text: str) -> str:
+    if text == "sqlite" or text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {text!r}"
+    )
+
+
 def _token(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("a token must not be empty")
@@ -100,6 +111,28 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--port", {"type": _port, "help": "port (default 8765; 0 picks a free one)"}),
     ("--transport", {"choices": ["websockets", "aiohttp"], "help": "default websockets"}),
     ("--db", {"help": "SQLite file (default citron.db; :memory: keeps nothing)"}),
+    (
+        "--engine",
+        {
+            "type": _engine,
+            "help": "sqlite (default: one server, the --db file) or redis://HOST:PORT/DB"
+            " (any number of servers on one Redis form one hub)",
+        },
+    ),
+    (
+        "--node-lease",
+        {
+            "type": _seconds,
+            "help": "with Redis: seconds after which a silent server is declared dead (default 5)",
+        },
+    ),
+    (
+        "--log-retention",
+        {
+            "type": _seconds,
+            "help": "with Redis: seconds a finished build's log is kept (default: for ever)",
+        },
+    ),
     ("--runner-token", {"type": _token, "help": "token for the RUNNER role (none: open)"}),
     ("--api-token", {"type": _token, "help": "token for the API role (none: open)"}),
     ("--web-token", {"type": _token, "help": "token for the WEB role (none: open)"}),
@@ -186,6 +219,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         if value is not None:
             values[name] = value
     settings = Settings(**values)
+    if settings.engine == "sqlite" and settings.log_retention is not None:
+        raise ConfigError("--log-retention needs --engine redis://...")
     open_roles = [
         role
         for role, token in (

@@ -20,10 +20,10 @@ VECTORS = Path(__file__).parents[1] / "vectors" / "legacy-php-runner.jsonl"
 
 
 async def test_the_seed_flow_watched_by_two_fronts(server: ServerProc) -> None:
-    url = server.url
-    r = await runner(url)
-    api = await peer(url)
-    early = await peer(url)
+    # Each peer asks for the URL: on a cluster, each lands on another node.
+    r = await runner(server.url)
+    api = await peer(server.url)
+    early = await peer(server.url)
     build = await submit(api, '["make", "make test"]')
     run = await recv(r)
     assert (run.COMMAND, run.build, run.script) == ("run", build, ("make", "make test"))
@@ -32,7 +32,7 @@ async def test_the_seed_flow_watched_by_two_fronts(server: ServerProc) -> None:
     lines = [f"line {i}\n" for i in range(200)]
     for line in lines[:100]:
         await r.send(json_frame(line))
-    late = await peer(url)
+    late = await peer(server.url)
     assert (
         await ask(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
     ).COMMAND == "subscribed"

@@ -1,0 +1,552 @@
+"""The Redis engine: any number of ``citron-server`` processes as one hub.
+
+The design is state machine replication over one Redis stream:
+
+- Every input of the hub (a connection opened, a frame, a connection closed,
+  the clock reaching a deadline, a node declared dead) is appended by the node
+  where it happened to the command stream ``citron:cmd``. Redis orders the
+  appends of all nodes into one sequence.
+- Every node reads that stream from its start and applies each entry, in
+  order, to its own replica of the sans-IO hub. Ids and session secrets come
+  from the entry (its id and the connection's random key), so every replica
+  makes the same decision at the same point: which runner gets a build, which
+  build a runner gets, whether a resume is accepted. A build can never go to
+  two runners, because there is one order and one deterministic hub.
+- A node carries out only the effects that concern its own connections: it
+  sends the frames for them and closes them. Log chunks go to one Redis
+  stream per build, ``citron:log:<build>``, whose entry ids are ``0-<seq>``;
+  every replica writes them and Redis keeps the first (the write is
+  idempotent), so no single node's death can leave a hole.
+- Each node holds a lease, ``citron:node:<id>``, that it renews; when a
+  node's lease runs out, the surviving nodes append its death, and every
+  replica closes that node's connections: its runners' builds wait the
+  lost-grace period for a resume on another node, as on one server.
+- When Redis is away, a node keeps its connections, answers API and WEB
+  requests with ``error`` ``unavailable``, holds runner frames (in order)
+  until it can append them, and reconnects with backoff.
+
+The host knows no command: what an input means is the hub's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from citron_protocol import (
+    BuildRecord,
+    Hub,
+    HubConfig,
+    LogRecord,
+    Record,
+    Role,
+    answer_unavailable,
+)
+
+from .host import Connection, Host, HostConfig
+from .store import StoreError
+
+__all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds"]
+
+log = logging.getLogger("citron.cluster")
+
+PREFIX: Final = "citron:"
+COMMANDS: Final = PREFIX + "cmd"
+READ_COUNT: Final = 1000  # entries per read
+APPEND_COUNT: Final = 1000  # entries per append round trip
+MAX_HELD: Final = 100_000  # entries held while Redis is away, before runners are closed
+TRY_AGAIN_LATER: Final = 1013  # WebSocket close code
+
+_WRITE_CHUNKS = """
+for i = 1, #KEYS do
+  redis.pcall('XADD', KEYS[i], '0-' .. ARGV[2 * i - 1], 'l', ARGV[2 * i])
+end
+return #KEYS
+"""
+
+
+def log_key(build: str) -> str:
+    """The Redis stream that holds a build's log."""
+    return f"{PREFIX}log:{build}"
+
+
+def node_key(node: str) -> str:
+    """The lease of a node."""
+    return f"{PREFIX}node:{node}"
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A redis-py asyncio client for ``url`` that round-trips any text."""
+    client: aioredis.Redis = aioredis.from_url(
+        url,
+        decode_responses=True,
+        encoding_errors="surrogatepass",
+        socket_connect_timeout=2,
+        socket_timeout=None,
+        health_check_interval=0,
+    )
+    return client
+
+
+class _Backoff:
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """The Redis engine's policy. Durations are seconds."""
+
+    url: str
+    lease: float = 5.0  # a node not heard of for this long is dead
+    log_retention: float | None = None  # finished builds' logs expire after this
+
+
+class ReplicaIds:
+    """Ids and secrets that every replica derives alike from the entry being
+    applied: the entry id (unique, ordered by Redis) and the random key the
+    connection's node drew when it opened."""
+
+    def __init__(self) -> None:
+        self._entry = "0-0"
+        self._key = b""
+        self._n = 0
+
+    def begin(self, entry_id: str, key: str) -> None:
+        self._entry, self._key, self._n = entry_id, key.encode(), 0
+
+    def _next(self) -> bytes:
+        self._n += 1
+        return f"{self._entry}/{self._n}".encode()
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind[0]}-{hashlib.sha256(self._next()).hexdigest()[:12]}"
+
+    def new_secret(self) -> str:
+        digest = hmac.new(self._key, self._next(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+class RedisStore:
+    """Log chunks in one Redis stream per build; builds live in the replicas.
+
+    Writes are idempotent: every replica writes the same chunks, the first
+    write of each ``seq`` wins. A write that fails is kept and retried: no
+    chunk is dropped while Redis is away.
+    """
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.redis = connect_redis(config.url)
+        self._script = self.redis.register_script(_WRITE_CHUNKS)
+        self._pending: list[Record] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._written = 0  # records written so far
+        self._queued = 0  # records handed over so far
+        self._progress = asyncio.Event()
+        self._failure: str | None = None
+        self.outage: str | None = None  # set by the host while Redis is away
+        self._closing = False
+
+    async def open(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot reach Redis at {self.config.url}: {exc}") from None
+        self._writer = asyncio.create_task(self._run())
+
+    async def load_builds(self) -> list[BuildRecord]:
+        return []  # builds come from the command stream, not from a store
+
+    @property
+    def error(self) -> str | None:
+        return self._failure or self.outage
+
+    def write(self, records: Sequence[Record]) -> None:
+        self._pending.extend(records)
+        self._queued += len(records)
+        self._wake.set()
+
+    async def read_log(
+        self, build: str, after: int, until: int, limit: int
+    ) -> Sequence[tuple[int, str]]:
+        """Chunks ``after < seq <= until``; waits for this node's own earlier writes."""
+        target = self._queued
+        while self._written < target:
+            self._progress.clear()
+            await self._progress.wait()
+        try:
+            entries: Any = await self.redis.xrange(
+                log_key(build), min=f"(0-{after}", max=f"0-{until}", count=limit
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return [(int(entry_id.partition("-")[2]), fields["l"]) for entry_id, fields in entries]
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer, timeout=3)
+            except (TimeoutError, asyncio.CancelledError):
+                log.warning("closing with %d log records not written to Redis", len(self._pending))
+        await self.redis.aclose()
+
+    async def _run(self) -> None:
+        backoff = _Backoff()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._pending[:APPEND_COUNT]
+            try:
+                await self._write(batch)
+            except (RedisError, OSError) as exc:
+                if self._failure is None:
+                    log.error("writing logs to Redis failed, retrying: %s", exc)
+                self._failure = f"Redis unreachable: {exc}"
+                if self._closing:
+                    return
+                await backoff.sleep()
+                continue
+            if self._failure is not None:
+                log.info("writing logs to Redis again")
+            self._failure = None
+            backoff.reset()
+            del self._pending[: len(batch)]
+            self._written += len(batch)
+            self._progress.set()
+
+    async def _write(self, batch: list[Record]) -> None:
+        keys: list[str] = []
+        args: list[Any] = []
+        expire: list[str] = []
+        for record in batch:
+            if isinstance(record, LogRecord):
+                keys.append(log_key(record.build))
+                args.extend((record.seq, record.log))
+            elif record.state.finished and self.config.log_retention is not None:
+                expire.append(log_key(record.id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if keys:
+                await self._script(keys=keys, args=args, client=pipe)
+            for key in expire:
+                pipe.expire(key, max(1, round(self.config.log_retention or 0)))
+            await pipe.execute()
+
+
+@attrs.define
+class _Input:
+    """An input of the hub waiting to be appended."""
+
+    fields: dict[str, str]
+    conn: Connection | None = None
+
+
+class ClusterHost(Host):
+    """A :class:`Host` whose hub is one replica of the cluster's."""
+
+    store: RedisStore
+
+    def __init__(
+        self,
+        store: RedisStore,
+        hub_config: HubConfig | None = None,
+        config: HostConfig | None = None,
+    ) -> None:
+        self.ids = ReplicaIds()
+        super().__init__(store, hub_config, config, hub=Hub(self.ids, hub_config))
+        self.cluster = store.config
+        self.node = secrets.token_hex(4)
+        self.redis = store.redis
+        self.reader = connect_redis(self.cluster.url)  # XREAD blocks its connection
+        self.last = "0-0"  # the last entry applied
+        self.applied = 0
+        self.available = True
+        self._held: list[_Input] = []
+        self._wake = asyncio.Event()
+        self._keys: dict[str, str] = {}  # connection -> its key for secrets
+        self._by_node: dict[str, set[str]] = {}  # node -> its connections
+        self._declared: set[str] = set()  # nodes whose death is being appended
+        self._tick_pending = False
+        self._lease_since: float | None = None  # since when the lease is renewed
+        self._caught_up = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open Redis, catch up with the command stream, then serve."""
+        await self.store.open()
+        try:
+            last: Any = await self.redis.xrevrange(COMMANDS, count=1)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot read {COMMANDS} from Redis: {exc}") from None
+        self._target = last[0][0] if last else "0-0"
+        for coroutine in (self._read(), self._append(), self._renew()):
+            self._background.append(asyncio.create_task(coroutine))
+        self._timer = asyncio.create_task(self._tick())
+        await self._caught_up.wait()
+        self.started = True
+        log.info("node %s joined: %d entries applied", self.node, self.applied)
+
+    async def shutdown(self) -> None:
+        """Close every connection with 1001, tell the others this node has
+        left, then stop."""
+        await self.close_connections()
+        self._queue({"k": "x", "x": self.node})
+        deadline = time.monotonic() + 3
+        while self._held and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in [*self._background, *self._tasks]:
+            task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(node_key(self.node))
+        await self.store.close()
+        await self.reader.aclose()
+
+    # -- the hub's inputs, appended ----------------------------------------------------
+
+    def _new_conn_id(self) -> str:
+        return f"{self.node}/{next(self._ids)}"
+
+    def _hub_connect(self, conn: Connection, roles: frozenset[Role]) -> None:
+        key = secrets.token_hex(16)
+        self._queue({"k": "c", "c": str(conn.id), "r": ",".join(sorted(roles)), "e": key}, conn)
+
+    def _hub_receive(self, conn: Connection, text: str) -> None:
+        if not self.available and self._refuse(conn, text):
+            return
+        self._queue({"k": "r", "c": str(conn.id), "t": text}, conn)
+
+    def _hub_binary(self, conn: Connection) -> None:
+        self._queue({"k": "b", "c": str(conn.id)}, conn)
+
+    def _hub_disconnect(self, conn: Connection) -> None:
+        self._queue({"k": "d", "c": str(conn.id)})
+
+    def _refuse(self, conn: Connection, text: str) -> bool:
+        """Answer a request that cannot be appended; False: hold it."""
+        answer = answer_unavailable(text, "the server cannot reach Redis; try again")
+        if answer is None:
+            return False
+        conn.push(answer)
+        return True
+
+    def _queue(self, fields: dict[str, str], conn: Connection | None = None) -> None:
+        fields["n"] = self.node
+        self._held.append(_Input(fields, conn))
+        if len(self._held) > MAX_HELD:
+            self._shed()
+        self._wake.set()
+
+    def _shed(self) -> None:
+        """Too much is held while Redis is away: close the connections whose
+        frames are held (runners resume and send them again), keep the rest."""
+        shed = {i.conn.id for i in self._held if i.conn is not None and i.fields["k"] != "c"}
+        self._held = [i for i in self._held if i.conn is None or i.conn.id not in shed]
+        for conn_id in shed:
+            conn = self.connections.get(conn_id)
+            if conn is not None:
+                conn.close(TRY_AGAIN_LATER, "the server cannot reach Redis")
+        log.warning("Redis away: closed %d connections whose frames were held", len(shed))
+
+    async def _append(self) -> None:
+        backoff = _Backoff()
+        while True:
+            if not self._held:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self._held[:APPEND_COUNT]
+            now = repr(self.now())
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        item.fields["w"] = now
+                        pipe.xadd(COMMANDS, item.fields)  # type: ignore[arg-type]
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self._unavailable(exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            self._available()
+            del self._held[: len(batch)]
+
+    def _unavailable(self, exc: BaseException) -> None:
+        if self.available:
+            log.error("Redis unreachable, retrying with backoff: %s", exc)
+        self.available = False
+        self.store.outage = f"Redis unreachable: {exc}"
+        self._lease_since = None
+        # Requests already waiting get their answer now; runner frames wait.
+        kept: list[_Input] = []
+        for item in self._held:
+            conn, fields = item.conn, item.fields
+            if fields["k"] == "r" and conn is not None and self._refuse(conn, fields["t"]):
+                continue
+            kept.append(item)
+        self._held = kept
+
+    def _available(self) -> None:
+        if not self.available:
+            log.info("Redis reachable again")
+        self.available = True
+        self.store.outage = None
+
+    # -- the command stream, applied ------------------------------------------------------
+
+    async def _read(self) -> None:
+        backoff = _Backoff()
+        while True:
+            caught_up = self._caught_up.is_set()
+            try:
+                answer: Any = await self.reader.xread(
+                    {COMMANDS: self.last}, count=READ_COUNT, block=1000 if caught_up else None
+                )
+            except (RedisError, OSError) as exc:
+                self._unavailable(exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            entries: list[tuple[str, dict[str, str]]] = answer[0][1] if answer else []
+            for entry_id, fields in entries:
+                self._apply_entry(entry_id, fields)
+            if not caught_up and _entry_order(self.last) >= _entry_order(self._target):
+                self._caught_up.set()
+            if not entries:
+                await asyncio.sleep(0)
+
+    def _apply_entry(self, entry_id: str, f: dict[str, str]) -> None:
+        self.last = entry_id
+        self.applied += 1
+        kind = f.get("k")
+        now = float(f.get("w", "0"))
+        conn = f.get("c", "")
+        self.ids.begin(entry_id, self._keys.get(conn, ""))
+        local = self.connections.get(conn)
+        hub = self.hub
+        try:
+            if kind == "r":
+                fx = hub.receive(conn, f["t"], now)
+            elif kind == "c":
+                self._keys[conn] = f["e"]
+                self._by_node.setdefault(f["n"], set()).add(conn)
+                roles = [Role(r) for r in f["r"].split(",") if r]
+                self.ids.begin(entry_id, f["e"])
+                fx = hub.connect(conn, roles, now)
+            elif kind == "d":
+                self._keys.pop(conn, None)
+                self._by_node.get(f["n"], set()).discard(conn)
+                fx = hub.disconnect(conn, now)
+            elif kind == "b":
+                fx = hub.receive_binary(conn, now)
+            elif kind == "t":
+                if f["n"] == self.node:
+                    self._tick_pending = False
+                fx = hub.advance(now)
+            elif kind == "x":
+                self._node_gone(f["x"], now)
+                return
+            else:
+                log.error("ignoring entry %s of unknown kind %r", entry_id, kind)
+                return
+        except Exception:  # every replica fails alike; the node must go on
+            self.internal_errors += 1
+            log.exception("internal error applying entry %s (%s)", entry_id, kind)
+            if local is not None:
+                local.close(1011, "internal error")
+            return
+        self.apply(fx)
+
+    def _node_gone(self, node: str, now: float) -> None:
+        """Every replica closes a dead (or departed) node's connections."""
+        self._declared.discard(node)
+        conns = self._by_node.pop(node, set())
+        if conns:
+            log.info("node %s is gone: %d of its connections closed", node, len(conns))
+        for conn in sorted(conns):
+            self._keys.pop(conn, None)
+            self.apply(self.hub.disconnect(conn, now))
+        if node == self.node and self.started:
+            # The others declared this node dead: its connections no longer
+            # exist in the hub. Close them; their peers reconnect and resume.
+            for local in list(self.connections.values()):
+                local.close(1012, "this server lost its place in the cluster")
+
+    # -- leases and timers --------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        lease = self.cluster.lease
+        while True:
+            try:
+                await self.redis.set(node_key(self.node), self.last, px=int(lease * 1000))
+                if self._lease_since is None:
+                    self._lease_since = time.monotonic()
+                self._available()
+                # Declare dead only after holding a lease for a whole period:
+                # after an outage every node needs that long to renew its own.
+                if self._caught_up.is_set() and time.monotonic() - self._lease_since > lease:
+                    await self._find_dead()
+            except (RedisError, OSError) as exc:
+                self._unavailable(exc)
+            await asyncio.sleep(lease / 5)
+
+    async def _find_dead(self) -> None:
+        others = [n for n, conns in self._by_node.items() if conns and n != self.node]
+        others = [n for n in others if n not in self._declared]
+        if not others:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in others:
+                pipe.exists(node_key(node))
+            alive = await pipe.execute()
+        for node, exists in zip(others, alive, strict=True):
+            if not exists:
+                log.warning("node %s lost its lease: declaring it dead", node)
+                self._declared.add(node)
+                self._queue({"k": "x", "x": node})
+
+    async def _tick(self) -> None:
+        while True:
+            deadline = self.hub.next_deadline()
+            now = self.now()
+            delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
+            await asyncio.sleep(max(delay, 0.01))
+            deadline = self.hub.next_deadline()
+            if deadline is not None and deadline <= self.now() and not self._tick_pending:
+                self._tick_pending = True
+                self._queue({"k": "t"})

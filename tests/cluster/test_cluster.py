@@ -1,0 +1,259 @@
+"""Three citron-server processes on one real redis-server behave as one hub."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from citron_protocol import RunnerState
+
+from ..client import test_e2e as client_e2e
+from ..peers import ask, expect, follow, peer, recv, runner, submit
+from ..procs import Spawn, citron, eventually, runner_argv
+from ..server import test_e2e as server_e2e
+from .conftest import Cluster, ClusterFactory
+
+# -- the end-to-end suite, with every peer on another node -------------------------
+
+SERVER_CASES: list[Callable[[Any], Awaitable[None]]] = [
+    server_e2e.test_the_seed_flow_watched_by_two_fronts,
+    server_e2e.test_legacy_php_runner_frames_end_to_end,
+    server_e2e.test_error_codes_bad_state_on_cancel_echo_req,
+    server_e2e.test_binary_frames_are_malformed,
+    server_e2e.test_too_many_errors_close_with_1008,
+    server_e2e.test_a_2mib_frame_closes_only_its_connection,
+    client_e2e.test_the_client_library,
+]
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids=lambda f: f.__name__.removeprefix("test_"))
+async def test_the_server_suite_on_a_cluster(
+    cluster: Cluster, case: Callable[[Any], Awaitable[None]]
+) -> None:
+    await case(cluster)
+
+
+@pytest.mark.parametrize(
+    ("code", "before", "frame"), server_e2e.ERROR_CASES, ids=[c[0] for c in server_e2e.ERROR_CASES]
+)
+async def test_every_error_code_on_a_cluster(
+    cluster: Cluster, code: str, before: list[str], frame: str
+) -> None:
+    await server_e2e.test_every_error_code(cluster, code, before, frame)  # type: ignore[arg-type]
+
+
+def test_citron_runner_and_cli_on_a_cluster(
+    cluster: Cluster, spawn: Spawn, git_repo: Path, tmp_path: Path
+) -> None:
+    client_e2e.test_submit_wait_streams_live_and_exits_with_the_result(
+        cluster,  # type: ignore[arg-type]
+        spawn,
+        git_repo,
+        tmp_path,
+    )
+
+
+def test_cancel_across_nodes(cluster: Cluster, spawn: Spawn, git_repo: Path) -> None:
+    client_e2e.test_cancel_kills_the_whole_build(cluster, spawn, git_repo)  # type: ignore[arg-type]
+
+
+# -- dispatch ------------------------------------------------------------------------
+
+
+async def test_fifo_across_the_cluster(cluster: Cluster) -> None:
+    apis = [await peer(url) for url in cluster.urls()]
+    builds = [await submit(apis[i % 3]) for i in range(6)]
+    r = await runner(cluster.urls()[1])
+    for build in builds:
+        run = await expect(r, "run")
+        assert run.build == build
+        await r.send('RUNNER:process:{"finished": true, "success": true}')
+
+
+async def test_200_builds_race_for_30_runners_on_3_nodes(cluster: Cluster) -> None:
+    urls = cluster.urls()
+    runs: collections.Counter[str] = collections.Counter()
+    by_runner: collections.Counter[int] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def serve(n: int) -> None:
+        ws = await runner(urls[n % 3])
+        while not stop.is_set():
+            try:
+                message = await recv(ws, timeout=0.2)
+            except TimeoutError:
+                continue
+            if message.COMMAND == "run":
+                runs[message.build] += 1
+                by_runner[n] += 1
+                await ws.send('RUNNER:process:{"finished": false, "log": "ran\\n"}')
+                await ws.send('RUNNER:process:{"finished": true, "success": true}')
+
+    runners = [asyncio.create_task(serve(n)) for n in range(30)]
+    apis = [await peer(url) for url in urls]
+
+    async def submit_many(api: Any, count: int) -> list[str]:
+        return [await submit(api) for _ in range(count)]
+
+    lists = await asyncio.gather(
+        *(submit_many(api, 67 if i < 2 else 66) for i, api in enumerate(apis))
+    )
+    builds = [b for sub in lists for b in sub]
+    assert len(builds) == len(set(builds)) == 200
+    web = await peer(urls[2])
+
+    async def all_done() -> None:
+        while True:
+            reply = await ask(web, 'WEB:get_builds:{"limit": 500, "state": "success"}')
+            if len(reply.builds) == 200:
+                return
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(all_done(), 30)
+    stop.set()
+    await asyncio.gather(*runners)
+    assert sorted(runs) == sorted(builds)
+    assert set(runs.values()) == {1}, [b for b, n in runs.items() if n > 1]
+    assert len(by_runner) > 10  # the work really was spread over the runners
+    reply = await ask(web, 'WEB:get_builds:{"limit": 500}')
+    assert {b.id: (b.state.value, b.attempt, b.log_seq) for b in reply.builds} == {
+        b: ("success", 1, 1) for b in builds
+    }
+
+
+# -- node death ---------------------------------------------------------------------
+
+
+def test_kill_9_mid_build_the_build_finishes_on_another_node(
+    cluster: Cluster, spawn: Spawn, git_repo: Path
+) -> None:
+    first, second, third = cluster.nodes
+    # The runner knows every node, and starts on the first.
+    spawn(*runner_argv(first.url, second.url, third.url), log_name="runner")
+    eventually(
+        lambda: json.loads(citron("runners", third.url, "--json").stdout) or None,
+        "the runner registered",
+    )
+    script = "for i in $(seq 1 300); do echo line $i; sleep 0.01; done"
+    result = citron("submit", second.url, "--repo", str(git_repo), "--script", script)
+    assert result.returncode == 0, result.stderr
+    build = result.stdout.strip()
+
+    def stored() -> str:
+        out = citron("logs", third.url, build)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    eventually(lambda: "line 40\n" in stored() or None, "line 40 stored")
+    first.kill9()
+    shown = eventually(
+        client_e2e.state_is(third, build, "success", "failure", "lost"),
+        "the build ended",
+        tries=600,
+    )
+    assert (shown["state"], shown["attempt"]) == ("success", 1), shown
+    lines = [line for line in stored().splitlines() if line.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(1, 301)]
+    # A front following from 0 on another node gets each line once too.
+    followed = citron("logs", second.url, build, "--follow")
+    assert [x for x in followed.stdout.splitlines() if x.startswith("line ")] == lines
+
+
+async def test_a_runner_that_never_comes_back_is_lost_and_retried(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory("--lost-grace", "1")
+    first, second, third = cluster.nodes
+    api = await peer(second.url)
+    doomed = await runner(first.url)
+    build = await submit(api)
+    assert (await expect(doomed, "run")).build == build
+    web = await peer(third.url)
+    await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    first.kill9()
+    survivor = await runner(third.url)
+    run = await expect(survivor, "run", timeout=15)  # lease (1 s) + grace (1 s)
+    assert run.build == build
+    info = (await ask(api, f'API:get_build:{{"build": "{build}"}}')).build
+    assert (info.state.value, info.attempt) == ("running", 2)
+
+
+async def test_a_node_that_joins_later_sees_the_whole_hub(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(nodes=2)
+    api = await peer(cluster.nodes[0].url)
+    r = await runner(cluster.nodes[1].url)
+    build = await submit(api)
+    await expect(r, "run")
+    await r.send('RUNNER:process:{"finished": false, "log": "hello\\n"}')
+    late = cluster_factory(nodes=1).nodes[0]
+    web = await peer(late.url)
+    runners = await ask(web, "WEB:get_runners:")
+    assert [x.state for x in runners.runners] == [RunnerState.RUNNING]
+    await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    assert await follow(web, build) == [(1, "hello\n")]
+    assert late.healthz()["builds"] == {"queued": 0, "running": 0}
+
+
+# -- Redis going away ---------------------------------------------------------------
+
+
+async def test_redis_away_answers_unavailable_and_recovers(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    api = await peer(node.url)
+    web = await peer(cluster.nodes[1].url)
+    assert (await ask(api, 'API:get_runners:{"req": "before"}')).COMMAND == "runners"
+    cluster.redis.stop()
+    try:
+        reply = await ask(api, 'API:get_runners:{"req": "during"}', timeout=10)
+        while reply.COMMAND != "error":  # a request in flight as Redis went may still pass
+            reply = await ask(api, 'API:get_runners:{"req": "during"}', timeout=10)
+        assert (reply.code, reply.req) == ("unavailable", "during")
+        status, _, body = node.http("/healthz")
+        assert status == 503 and "Redis unreachable" in json.loads(body)["status"]
+    finally:
+        cluster.redis.start()
+
+    async def answered() -> Any:
+        while True:
+            reply = await ask(web, 'WEB:get_runners:{"req": "after"}', timeout=10)
+            if reply.COMMAND == "runners":
+                return reply
+            await asyncio.sleep(0.2)
+
+    assert (await asyncio.wait_for(answered(), 20)).req == "after"
+    # The same connections carry on; a build runs across nodes again.
+    r = await runner(cluster.nodes[2].url)
+    build = await asyncio.wait_for(submit(api), 20)
+    assert (await expect(r, "run")).build == build
+
+
+# -- retention -----------------------------------------------------------------------
+
+
+async def test_finished_logs_expire_after_the_retention(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory("--log-retention", "1", nodes=2)
+    api = await peer(cluster.nodes[0].url)
+    r = await runner(cluster.nodes[1].url)
+    build = await submit(api)
+    await expect(r, "run")
+    await r.send('RUNNER:process:{"finished": false, "log": "kept a while\\n"}')
+    client = cluster.redis.client()
+    key = f"citron:log:{build}"
+    eventually(lambda: client.exists(key) or None, "the log stored in Redis")
+    assert client.ttl(key) == -1  # running: kept
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    eventually(lambda: client.ttl(key) > 0 or None, "an expiry set on the finished log")
+    eventually(lambda: not client.exists(key) or None, "the log trimmed")
+    info = (await ask(api, f'API:get_build:{{"build": "{build}"}}')).build
+    assert (info.state.value, info.log_seq) == ("success", 1)  # the build itself stays
