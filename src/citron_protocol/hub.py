@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
+import pickle
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -38,7 +38,7 @@ from typing import Any, Final, Protocol
 import attrs
 
 from .codec import encode, encode_log_chunk, parse_client, peek_req, split_client
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, UsageError
 from .messages import (
     BuildInfo,
     BuildReply,
@@ -133,7 +133,7 @@ class CountingIds:
     """Deterministic ids (``build-1``, ``runner-1``, ``secret-1``) for tests."""
 
     def __init__(self) -> None:
-        self._counter = itertools.count(1)
+        self._counter = _Counter()
 
     def new_id(self, kind: str) -> str:
         return f"{kind}-{next(self._counter)}"
@@ -174,6 +174,19 @@ class HubStats:
     frames_out: dict[tuple[str, str], int] = attrs.Factory(dict)
     errors: dict[str, int] = attrs.Factory(dict)
     log_bytes: int = 0
+
+
+class _Counter:
+    """1, 2, 3, ...: ``itertools.count`` that can be pickled on every Python."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __next__(self) -> int:
+        self.value += 1
+        return self.value
 
 
 class _Refusal(Exception):
@@ -322,10 +335,13 @@ class Hub:
         self._waiting_typed: dict[str, dict[str, _Runner]] = {}
         self._deadlines: dict[str, float] = {}  # build id -> grace or cancel deadline
         self._loads: dict[int, _Sub] = {}
-        self._counter = itertools.count(1)
-        self._requests = itertools.count(1)  # apart: loads are local to a host
+        self._counter = _Counter()
+        self._requests = _Counter()  # apart: loads are local to a host
         self._number = 0
-        self._handlers: dict[type[Any], Callable[[_Conn, Any], None]] = {
+        self._handlers = self._make_handlers()
+
+    def _make_handlers(self) -> dict[type[Any], Callable[[_Conn, Any], None]]:
+        return {
             RunnerInit: self._on_init,
             RunnerLog: self._on_log,
             RunnerFinished: self._on_finished,
@@ -488,6 +504,61 @@ class Hub:
                 sub.after = max(sub.after, seq)
         self._send(conn, StateChange(build=sub.build.info()))
         return self._flush()
+
+    # -- replication ------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The hub's state, for a host that replicates it: restored with
+        :meth:`from_snapshot` and fed the same inputs after this point, a copy
+        makes the same decisions as this hub.
+
+        It includes session secrets and build secrets (of builds not finished
+        yet): keep it where you keep the hub's inputs. Subscriptions and the
+        live feed are not part of it: they belong to the host whose connection
+        they serve. The format is this version of citron's; restore it with
+        the same version.
+        """
+        fx = self._fx
+        if fx:
+            raise UsageError("take a snapshot between calls, not inside one")
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> Hub:
+        """A hub restored from :meth:`snapshot`, without subscriptions; its
+        :class:`IdSource` is the one that was snapshotted (see :attr:`ids`)."""
+        hub = pickle.loads(data)
+        if not isinstance(hub, cls):
+            raise TypeError(f"not a snapshot of a {cls.__name__}")
+        for c in hub._conns.values():
+            c.subs.clear()
+            c.feed = False
+        for b in hub._builds.values():
+            b.subs.clear()
+        hub._feed.clear()
+        hub._loads.clear()
+        hub.stats = HubStats()
+        return hub
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_handlers")
+        # Finished builds' secrets are of no more use: keep them out. (A
+        # finished build is in no queue and no runner's hands: a copy is safe.)
+        state["_builds"] = {
+            build_id: attrs.evolve(b, secrets=None) if b.secrets and b.state.finished else b
+            for build_id, b in self._builds.items()
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handlers = self._make_handlers()
+
+    @property
+    def ids(self) -> IdSource:
+        """Where this hub gets its ids and secrets."""
+        return self._ids
 
     # -- views for hosts ------------------------------------------------------------
 

@@ -57,6 +57,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 url=settings.engine,
                 lease=settings.node_lease,
                 log_retention=settings.log_retention,
+                snapshot_every=settings.snapshot_every,
             )
         )
         store = redis_store

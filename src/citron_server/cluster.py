@@ -35,9 +35,11 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -64,6 +66,11 @@ log = logging.getLogger("citron.cluster")
 
 PREFIX: Final = "citron:"
 COMMANDS: Final = PREFIX + "cmd"
+CONFIG: Final = PREFIX + "config"
+SNAPSHOT: Final = PREFIX + "snapshot"
+SNAPSHOT_LOCK: Final = PREFIX + "snapshot-lock"
+SNAPSHOT_FORMAT: Final = "citron-hub-1"
+TRIMMED: Final = PREFIX + "trimmed"
 READ_COUNT: Final = 1000  # entries per read
 APPEND_COUNT: Final = 1000  # entries per append round trip
 MAX_HELD: Final = 100_000  # entries held while Redis is away, before runners are closed
@@ -125,6 +132,7 @@ class ClusterConfig:
     url: str
     lease: float = 5.0  # a node not heard of for this long is dead
     log_retention: float | None = None  # finished builds' logs expire after this
+    snapshot_every: int = 10_000  # entries applied between two snapshots
 
 
 class ReplicaIds:
@@ -301,6 +309,8 @@ class ClusterHost(Host):
         self._tick_pending = False
         self._lease_since: float | None = None  # since when the lease is renewed
         self._caught_up = asyncio.Event()
+        self._snapshot_at = 0  # self.applied when the last snapshot was taken
+        self._resync = False  # set when this node fell behind the trimmed stream
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
@@ -313,6 +323,14 @@ class ClusterHost(Host):
         except (RedisError, OSError) as exc:
             raise StoreError(f"cannot read {COMMANDS} from Redis: {exc}") from None
         self._target = last[0][0] if last else "0-0"
+        try:
+            await self._check_config()
+            # The lease first: while it says 0-0, nobody trims what this node
+            # still has to read.
+            await self.redis.set(node_key(self.node), "0-0", px=int(self.cluster.lease * 1000))
+            await self._load_snapshot()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
         for coroutine in (self._read(), self._append(), self._renew()):
             self._background.append(asyncio.create_task(coroutine))
         self._timer = asyncio.create_task(self._tick())
@@ -434,6 +452,11 @@ class ClusterHost(Host):
         while True:
             caught_up = self._caught_up.is_set()
             try:
+                if self._resync:
+                    for local in list(self.connections.values()):
+                        local.close(1012, "this server lost its place in the cluster")
+                    await self._load_snapshot()
+                    self._resync = False
                 answer: Any = await self.reader.xread(
                     {COMMANDS: self.last}, count=READ_COUNT, block=1000 if caught_up else None
                 )
@@ -445,6 +468,8 @@ class ClusterHost(Host):
             entries: list[tuple[str, dict[str, str]]] = answer[0][1] if answer else []
             for entry_id, fields in entries:
                 self._apply_entry(entry_id, fields)
+            if caught_up and self.applied - self._snapshot_at >= self.cluster.snapshot_every:
+                self._take_snapshot()
             if not caught_up and _entry_order(self.last) >= _entry_order(self._target):
                 self._caught_up.set()
             if not entries:
@@ -507,6 +532,85 @@ class ClusterHost(Host):
             for local in list(self.connections.values()):
                 local.close(1012, "this server lost its place in the cluster")
 
+    # -- snapshots: the command stream stays short ------------------------------------------
+
+    async def _check_config(self) -> None:
+        """Every node must decide alike: the hub's options are the cluster's."""
+        mine = json.dumps(attrs.asdict(self.hub.config), sort_keys=True)
+        await self.redis.set(CONFIG, mine, nx=True)
+        theirs: Any = await self.redis.get(CONFIG)
+        if theirs != mine:
+            raise StoreError(
+                f"this server's hub options {mine} differ from the cluster's {theirs}: every"
+                " node needs the same --log-cap, --lost-grace, --retry-lost and --cancel-timeout"
+            )
+
+    async def _load_snapshot(self) -> None:
+        data: Any = await self.redis.hgetall(SNAPSHOT)
+        if not data:
+            return
+        if data.get("format") != SNAPSHOT_FORMAT:
+            raise StoreError(
+                f"the cluster's snapshot is in format {data.get('format')!r}, this server reads"
+                f" {SNAPSHOT_FORMAT!r}: every node must run the same version of citron"
+            )
+        hub = Hub.from_snapshot(zlib.decompress(base64.b64decode(data["hub"])))
+        ids = hub.ids
+        assert isinstance(ids, ReplicaIds)
+        hub.config = self.hub.config
+        self.hub, self.ids = hub, ids
+        self._keys = json.loads(data["keys"])
+        self._by_node = {node: set(conns) for node, conns in json.loads(data["nodes"]).items()}
+        self.last = data["at"]
+        log.info("node %s: restored the snapshot at %s", self.node, self.last)
+
+    def _take_snapshot(self) -> None:
+        """Snapshot the replica here, between two entries, and let one node
+        store it and trim the stream."""
+        self._snapshot_at = self.applied
+        fields = {
+            "format": SNAPSHOT_FORMAT,
+            "at": self.last,
+            "hub": base64.b64encode(zlib.compress(self.hub.snapshot(), 1)).decode(),
+            "keys": json.dumps(self._keys),
+            "nodes": json.dumps({node: sorted(conns) for node, conns in self._by_node.items()}),
+        }
+        task = asyncio.create_task(self._store_snapshot(fields))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store_snapshot(self, fields: dict[str, str]) -> None:
+        try:
+            if not await self.redis.set(SNAPSHOT_LOCK, self.node, nx=True, px=30_000):
+                return  # another node is at it
+            try:
+                stored: Any = await self.redis.hget(SNAPSHOT, "at")
+                if stored and _entry_order(stored) >= _entry_order(fields["at"]):
+                    return
+                await self.redis.hset(SNAPSHOT, mapping=fields)  # type: ignore[arg-type]
+                # Keep what the slowest live node has yet to read.
+                keep = fields["at"]
+                async for key in self.redis.scan_iter(match=node_key("*")):
+                    position: Any = await self.redis.get(key)
+                    if position and _entry_order(position) < _entry_order(keep):
+                        keep = position
+                trimmed = await self.redis.xtrim(COMMANDS, minid=keep)
+                await self.redis.set(TRIMMED, keep)
+                log.info("snapshot at %s stored; %d entries trimmed", fields["at"], trimmed)
+            finally:
+                await self.redis.delete(SNAPSHOT_LOCK)
+        except (RedisError, OSError) as exc:
+            log.warning("storing a snapshot failed: %s", exc)
+
+    async def _check_trimmed(self) -> None:
+        """A node that fell behind what was trimmed (its lease ran out) cannot
+        catch up entry by entry: it starts again from the snapshot."""
+        trimmed: Any = await self.redis.get(TRIMMED)
+        if not trimmed or _entry_order(self.last) >= _entry_order(trimmed):
+            return
+        log.error("node %s fell behind the trimmed stream: reloading the snapshot", self.node)
+        self._resync = True
+
     # -- leases and timers --------------------------------------------------------------
 
     async def _renew(self) -> None:
@@ -521,6 +625,8 @@ class ClusterHost(Host):
                 # after an outage every node needs that long to renew its own.
                 if self._caught_up.is_set() and time.monotonic() - self._lease_since > lease:
                     await self._find_dead()
+                if self._caught_up.is_set():
+                    await self._check_trimmed()
             except (RedisError, OSError) as exc:
                 self._unavailable(exc)
             await asyncio.sleep(lease / 5)

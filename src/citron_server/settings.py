@@ -27,6 +27,7 @@ class Settings:
     engine: str = "sqlite"
     node_lease: float = 5.0
     log_retention: float | None = None
+    snapshot_every: int = 10_000
     runner_token: str | None = None
     api_token: str | None = None
     web_token: str | None = None
@@ -131,6 +132,14 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": _seconds,
             "help": "with Redis: seconds a finished build's log is kept (default: for ever)",
+        },
+    ),
+    (
+        "--snapshot-every",
+        {
+            "type": _positive_int,
+            "help": "with Redis: entries of the command stream between two snapshots"
+            " (default 10000); the stream is trimmed after each",
         },
     ),
     ("--runner-token", {"type": _token, "help": "token for the RUNNER role (none: open)"}),

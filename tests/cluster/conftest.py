@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,9 @@ class RedisServer:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+            if os.environ.get("CI"):
+                raise RuntimeError("CI must install Debian's redis-server (see .ci/run)")
+            pytest.skip("needs Debian's redis-server: apt-get install redis-server")
         self.binary, self.workdir = binary, workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()

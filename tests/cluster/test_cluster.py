@@ -15,7 +15,7 @@ from citron_protocol import RunnerState
 
 from ..client import test_e2e as client_e2e
 from ..peers import ask, expect, follow, peer, recv, runner, submit
-from ..procs import Spawn, citron, eventually, runner_argv
+from ..procs import Spawn, citron, eventually, run_module, runner_argv
 from ..server import test_e2e as server_e2e
 from .conftest import Cluster, ClusterFactory
 
@@ -257,3 +257,72 @@ async def test_finished_logs_expire_after_the_retention(
     eventually(lambda: not client.exists(key) or None, "the log trimmed")
     info = (await ask(api, f'API:get_build:{{"build": "{build}"}}')).build
     assert (info.state.value, info.log_seq) == ("success", 1)  # the build itself stays
+
+
+# -- snapshots ------------------------------------------------------------------------
+
+
+async def test_snapshots_keep_the_stream_short_and_late_nodes_whole(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory("--snapshot-every", "20", nodes=2)
+    api = await peer(cluster.nodes[0].url)
+    r = await runner(cluster.nodes[1].url)
+    builds = []
+    for i in range(30):
+        builds.append(await submit(api))
+        assert (await expect(r, "run")).build == builds[-1]
+        await r.send(f'RUNNER:process:{{"finished": false, "log": "build {i}\\n"}}')
+        await r.send('RUNNER:process:{"finished": true, "success": true}')
+    client = cluster.redis.client()
+    eventually(lambda: client.exists("citron:snapshot") or None, "a snapshot stored")
+    # A node keeps what the slowest node has not read as of its last lease
+    # renewal (every 0.2 s here): the next snapshots trim the rest.
+    appended = 2 + 30 * 3
+    for _ in range(10):
+        await asyncio.sleep(0.3)
+        for _ in range(20):
+            await ask(api, "API:get_runners:")
+        appended += 20
+        if client.xlen("citron:cmd") < 60:
+            break
+    assert client.xlen("citron:cmd") < 60 < appended
+    late = cluster_factory("--snapshot-every", "20", nodes=1).nodes[0]
+    web = await peer(late.url)
+    listed = await ask(web, 'WEB:get_builds:{"limit": 100}')
+    assert sorted((b.id, b.state.value, b.log_seq) for b in listed.builds) == sorted(
+        (b, "success", 1) for b in builds
+    )
+    await ask(web, f'WEB:subscribe:{{"build": "{builds[7]}", "from": 0}}')
+    assert await follow(web, builds[7]) == [(1, "build 7\n")]
+    # The late node dispatches like the others.
+    r2 = await runner(late.url)
+    await r.close()
+    build = await submit(api)
+    assert (await expect(r2, "run")).build == build
+
+
+def test_a_node_with_other_hub_options_is_refused(cluster: Cluster) -> None:
+    result = run_module(
+        "citron_server",
+        "--port",
+        "0",
+        "--engine",
+        cluster.redis.url(),
+        "--lost-grace",
+        "7",
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "every node needs the same" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreachable_redis_is_one_line_and_exit_2() -> None:
+    from .conftest import free_port
+
+    result = run_module(
+        "citron_server", "--port", "0", "--engine", f"redis://127.0.0.1:{free_port()}/0"
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("citron-server: error: cannot reach Redis")
+    assert "Traceback" not in result.stderr

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from citron_protocol import (
     BuildState,
     CloseCode,
+    CountingIds,
+    Hub,
     HubConfig,
     Role,
     RunnerState,
@@ -16,7 +18,7 @@ from citron_protocol import (
 )
 from citron_protocol import strategies as cst
 
-from ..helpers import Harness, commands
+from ..helpers import T0, Harness, commands
 
 
 @pytest.fixture
@@ -822,3 +824,127 @@ def test_unauthorized_and_role_mismatch_echo_req(h: Harness) -> None:
     h.send(conn, "WEB:get_runners:")
     (error,) = h.send(conn, 'API:get_runners:{"req": "n"}')
     assert (error.code, error.req) == ("role_mismatch", "n")
+
+
+# -- property: a restored snapshot decides as the hub it was taken from ------------------
+
+_SCRIPTED = st.sampled_from(
+    [
+        'RUNNER:init:{"type": "simple"}',
+        'RUNNER:init:{"type": "other"}',
+        'RUNNER:process:{"finished": false, "log": "a line\\n"}',
+        'RUNNER:process:{"finished": true, "success": true}',
+        'RUNNER:process:{"finished": true, "success": false, "leave": true}',
+        'API:run:{"repo": "r", "script": ["make"]}',
+        'API:run:{"repo": "r", "script": ["make"], "type": "other"}',
+        'API:run:{"repo": "r", "script": ["x"], "secrets": {"TOKEN": "abcdef"}}',
+        "API:get_runners:",
+        'API:get_builds:{"limit": 5}',
+        'WEB:subscribe:{"build": "build-3", "from": 0}',
+        "WEB:subscribe:{}",
+        'API:cancel:{"build": "build-3"}',
+        'API:cancel:{"build": "build-6"}',
+    ]
+)
+_FRAME = st.tuples(st.just("frame"), st.integers(0, 4), _SCRIPTED)
+_EVENT = st.one_of(
+    _FRAME,
+    _FRAME,
+    _FRAME,
+    st.tuples(st.just("frame"), st.integers(0, 4), cst.frames()),
+    st.tuples(st.just("drop"), st.integers(0, 4), st.just("")),
+    st.tuples(st.just("drop"), st.integers(0, 4), st.just("")),
+    st.tuples(st.just("wait"), st.just(0), st.just("")),
+)
+
+
+def _replay_both(before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]) -> None:
+    """Play ``before`` on a hub, snapshot it, then play ``after`` on both the
+    hub and the restored copy: they must answer alike."""
+    config = HubConfig(lost_grace=5, cancel_timeout=5)
+    hub = Hub(CountingIds(), config)
+    clock = [T0]
+    generation = [0] * 5
+
+    def play(target: Hub, events: list[tuple[str, int, str]], gen: list[int]) -> list[object]:
+        out: list[object] = []
+        for kind, who, frame in events:
+            # Runners on 0 and 1, backends on 2 and 3, a front on 4.
+            if frame.startswith("RUNNER:"):
+                who %= 2
+            elif frame.startswith("API:"):
+                who = 2 + who % 2
+            elif frame.startswith("WEB:"):
+                who = 4
+            conn = (who, gen[who])
+            if kind == "frame":
+                fx = target.receive(conn, frame, clock[0])
+            elif kind == "drop":
+                who %= 2  # a runner's connection drops; it comes back as a new one
+                conn = (who, gen[who])
+                fx = target.disconnect(conn, clock[0])
+                gen[who] += 1
+                fx2 = target.connect((who, gen[who]), list(Role), clock[0])
+                fx.records += fx2.records
+            else:
+                clock[0] += 3
+                fx = target.advance(clock[0])
+            # Deliveries to followers are local to a host: not compared.
+            sends = [(c, t) for c, t in fx.sends if not t.startswith(("log:", "state:", "runner:"))]
+            out.append((sends, fx.closes, fx.records))
+        return out
+
+    for who in range(5):
+        hub.connect((who, 0), list(Role), clock[0])
+    play(hub, before, generation)
+    copy = Hub.from_snapshot(hub.snapshot())
+    start = clock[0]
+    expected = play(hub, after, list(generation))
+    clock[0] = start
+    assert play(copy, after, list(generation)) == expected
+
+
+def test_a_restored_snapshot_keeps_queues_waiting_runners_and_deadlines() -> None:
+    init, other = 'RUNNER:init:{"type": "simple"}', 'RUNNER:init:{"type": "other"}'
+    run, typed = (
+        'API:run:{"repo": "r", "script": ["make"]}',
+        ('API:run:{"repo": "r", "script": ["make"], "type": "other"}'),
+    )
+    line, done = (
+        'RUNNER:process:{"finished": false, "log": "a line\\n"}',
+        'RUNNER:process:{"finished": true, "success": true}',
+    )
+    before = [
+        ("frame", 0, init),  # runner 0 waits
+        ("frame", 2, run),  # build-3 runs on runner 0
+        ("frame", 0, line),
+        ("drop", 0, ""),  # runner 0 gone mid-build: a deadline
+        ("frame", 2, run),  # build-4, build-5, build-6 queued for anyone
+        ("frame", 2, run),
+        ("frame", 2, run),
+        ("frame", 1, other),  # runner 1 (other) takes build-4
+        ("frame", 1, done),  # then build-5; build-6 stays queued
+    ]
+    after = [
+        ("frame", 1, done),  # runner 1 takes build-6 from the queue
+        ("frame", 1, done),  # and waits
+        ("frame", 2, typed),  # build-7 goes to the waiting runner 1
+        ("frame", 1, done),  # and waits again
+        ("frame", 2, run),  # build-8 too
+        ("wait", 0, ""),
+        ("wait", 0, ""),  # the deadline fires: build-3 requeued as attempt 2
+        ("frame", 0, init),  # a new runner takes build-3
+        ("frame", 0, done),
+        ("frame", 1, done),
+        ("frame", 2, "API:get_runners:"),
+        ("frame", 2, 'API:get_builds:{"limit": 10}'),
+    ]
+    _replay_both(before, after)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(_EVENT, max_size=40), st.lists(_EVENT, max_size=40))
+def test_a_restored_snapshot_decides_alike(
+    before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]
+) -> None:
+    _replay_both(before, after)
