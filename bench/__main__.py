@@ -12,7 +12,9 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -287,6 +289,70 @@ class Bench:
             "lines/s per front",
         )
 
+    def cluster(self, transport: str) -> None:
+        """10 fronts on one node, the runner on another, over Redis, against
+        the single-node SQLite server in the same run."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            self.notes.append("cluster figure skipped: no redis-server (apt-get install it)")
+            return
+        lines = 2000 if self.quick else 20000
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        redis = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)
+        engine = ("--engine", f"redis://127.0.0.1:{port}/0")
+        nodes = [citron_server(transport, self.db("unused.db"), *engine) for _ in range(2)]
+        single = citron_server(transport, self.db(f"cluster-base-{transport}.db"))
+        runs = 1 if self.quick else 3
+        best_cluster = best_single = 0.0
+        try:
+            for _ in range(runs):
+                spec = {"scenario": "relay", "kind": "citron", "readers": 10, "lines": lines}
+                best_cluster = max(
+                    best_cluster,
+                    loadgen(
+                        {
+                            **spec,
+                            "url": f"ws://127.0.0.1:{nodes[0].port}/ws",
+                            "front_url": f"ws://127.0.0.1:{nodes[1].port}/ws",
+                        }
+                    )["rate"],
+                )
+                best_single = max(
+                    best_single,
+                    loadgen({**spec, "url": f"ws://127.0.0.1:{single.port}/ws"})["rate"],
+                )
+        finally:
+            for server in [*nodes, single]:
+                server.stop()
+            redis.kill()
+            redis.wait()
+        self.row(
+            "cluster: 10 fronts on another node, Redis",
+            transport,
+            best_cluster,
+            best_single,
+            ">= 0.5",
+            "lines/s per front",
+        )
+
     def idle(self, transport: str) -> None:
         connections = 300 if self.quick else 5000
         samples = 20 if self.quick else 100
@@ -420,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.relay(transport)
         bench.socketio(transport)
         bench.persistence(transport)
+        bench.cluster(transport)
         bench.idle(transport)
         bench.replay(transport)
     for note in bench.notes:

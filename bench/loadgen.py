@@ -91,7 +91,9 @@ async def measure(send: Any, fronts: list[Any], n: int, counts: Any) -> float:
     return n / elapsed
 
 
-async def relay_citron(url: str, readers: int, n: int) -> float:
+async def relay_citron(url: str, readers: int, n: int, front_url: str | None = None) -> float:
+    """The runner and the backend on ``url``; the fronts on ``front_url``
+    (another node of a cluster), or on ``url`` too."""
     kind = f"bench-{time.monotonic_ns()}"
     runner = await ws_connect(url)
     await runner.send(f'RUNNER:init:{{"type": "{kind}", "protocol": 1}}')
@@ -100,7 +102,7 @@ async def relay_citron(url: str, readers: int, n: int) -> float:
     await api.send(f'API:run:{{"repo": "bench", "script": [], "type": "{kind}"}}')
     build = json.loads((await api.recv()).split(":", 1)[1])["build"]
     await runner.recv()  # run:
-    fronts = [await ws_connect(url) for _ in range(readers)]
+    fronts = [await ws_connect(front_url or url) for _ in range(readers)]
     for front in fronts:
         await front.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
         await front.recv()  # subscribed
@@ -258,6 +260,9 @@ async def replay(url: str, build: str, n: int) -> float:
 
 async def main(spec: dict[str, Any]) -> Any:
     scenario = spec["scenario"]
+    if scenario == "relay" and spec.get("front_url"):
+        rate = await relay_citron(spec["url"], spec["readers"], spec["lines"], spec["front_url"])
+        return {"rate": rate}
     if scenario == "relay":
         fn = {"citron": relay_citron, "raw": relay_raw, "sio": relay_sio}[spec["kind"]]
         return {"rate": await fn(spec["url"], spec["readers"], spec["lines"])}

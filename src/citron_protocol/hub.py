@@ -222,6 +222,7 @@ class _Conn:
     feed: bool = False
     errors: deque[float] = attrs.Factory(deque)
     closing: bool = False
+    local: bool = True  # served by this hub's host (see Hub.connect)
 
     @property
     def out_key(self) -> tuple[str, str]:
@@ -377,10 +378,19 @@ class Hub:
                 self._deadlines[record.id] = now + self.config.lost_grace
         return self._flush()
 
-    def connect(self, conn: ConnId, roles: Iterable[Role], now: float) -> Effects:
-        """A connection opened; ``roles`` are the roles it may use."""
+    def connect(
+        self, conn: ConnId, roles: Iterable[Role], now: float, *, local: bool = True
+    ) -> Effects:
+        """A connection opened; ``roles`` are the roles it may use.
+
+        A host that replicates the hub passes ``local=False`` for a
+        connection another host serves: the hub then decides for it as for any
+        other, but spends nothing on following logs and the feed for it
+        (subscriptions are answered, not kept), since only its own host
+        delivers to it.
+        """
         self._now = now
-        self._conns[conn] = _Conn(id=conn, roles=frozenset(roles))
+        self._conns[conn] = _Conn(id=conn, roles=frozenset(roles), local=local)
         return self._flush()
 
     def receive(self, conn: ConnId, text: str, now: float) -> Effects:
@@ -525,7 +535,8 @@ class Hub:
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> Hub:
-        """A hub restored from :meth:`snapshot`, without subscriptions; its
+        """A hub restored from :meth:`snapshot`, without subscriptions, every
+        connection in it served by another host (``local=False``); its
         :class:`IdSource` is the one that was snapshotted (see :attr:`ids`)."""
         hub = pickle.loads(data)
         if not isinstance(hub, cls):
@@ -533,6 +544,7 @@ class Hub:
         for c in hub._conns.values():
             c.subs.clear()
             c.feed = False
+            c.local = False  # whoever restores it serves none of them yet
         for b in hub._builds.values():
             b.subs.clear()
         hub._feed.clear()
@@ -1026,11 +1038,15 @@ class Hub:
 
     def _on_subscribe(self, c: _Conn, msg: Subscribe) -> None:
         if msg.build is None:
-            c.feed = True
-            self._feed[c.id] = c
+            if c.local:
+                c.feed = True
+                self._feed[c.id] = c
             self._send(c.id, Subscribed(build=None, from_=0, req=msg.req))
             return
         build = self._find(msg.build)
+        if not c.local:  # another host follows the log for it
+            self._send(c.id, Subscribed(build=build.id, from_=msg.from_, req=msg.req))
+            return
         sub = _Sub(conn=c, build=build, after=msg.from_)
         c.subs[build.id] = sub
         build.subs[c.id] = sub

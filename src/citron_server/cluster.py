@@ -76,6 +76,13 @@ APPEND_COUNT: Final = 1000  # entries per append round trip
 MAX_HELD: Final = 100_000  # entries held while Redis is away, before runners are closed
 TRY_AGAIN_LATER: Final = 1013  # WebSocket close code
 
+_APPEND = """
+for i = 1, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
+end
+return #ARGV
+"""
+
 _WRITE_CHUNKS = """
 for i = 1, #KEYS do
   redis.pcall('XADD', KEYS[i], '0-' .. ARGV[2 * i - 1], 'l', ARGV[2 * i])
@@ -277,7 +284,9 @@ class RedisStore:
 class _Input:
     """An input of the hub waiting to be appended."""
 
-    fields: dict[str, str]
+    kind: str
+    conn_id: str
+    rest: str
     conn: Connection | None = None
 
 
@@ -298,6 +307,7 @@ class ClusterHost(Host):
         self.node = secrets.token_hex(4)
         self.redis = store.redis
         self.reader = connect_redis(self.cluster.url)  # XREAD blocks its connection
+        self._append_script = self.redis.register_script(_APPEND)
         self.last = "0-0"  # the last entry applied
         self.applied = 0
         self.available = True
@@ -342,7 +352,7 @@ class ClusterHost(Host):
         """Close every connection with 1001, tell the others this node has
         left, then stop."""
         await self.close_connections()
-        self._queue({"k": "x", "x": self.node})
+        self._queue("x", "", self.node)
         deadline = time.monotonic() + 3
         while self._held and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -362,18 +372,18 @@ class ClusterHost(Host):
 
     def _hub_connect(self, conn: Connection, roles: frozenset[Role]) -> None:
         key = secrets.token_hex(16)
-        self._queue({"k": "c", "c": str(conn.id), "r": ",".join(sorted(roles)), "e": key}, conn)
+        self._queue("c", str(conn.id), f"{','.join(sorted(roles))}\0{key}", conn)
 
     def _hub_receive(self, conn: Connection, text: str) -> None:
         if not self.available and self._refuse(conn, text):
             return
-        self._queue({"k": "r", "c": str(conn.id), "t": text}, conn)
+        self._queue("r", str(conn.id), text, conn)
 
     def _hub_binary(self, conn: Connection) -> None:
-        self._queue({"k": "b", "c": str(conn.id)}, conn)
+        self._queue("b", str(conn.id), "", conn)
 
     def _hub_disconnect(self, conn: Connection) -> None:
-        self._queue({"k": "d", "c": str(conn.id)})
+        self._queue("d", str(conn.id), "")
 
     def _refuse(self, conn: Connection, text: str) -> bool:
         """Answer a request that cannot be appended; False: hold it."""
@@ -383,9 +393,8 @@ class ClusterHost(Host):
         conn.push(answer)
         return True
 
-    def _queue(self, fields: dict[str, str], conn: Connection | None = None) -> None:
-        fields["n"] = self.node
-        self._held.append(_Input(fields, conn))
+    def _queue(self, kind: str, conn_id: str, rest: str, conn: Connection | None = None) -> None:
+        self._held.append(_Input(kind, conn_id, rest, conn))
         if len(self._held) > MAX_HELD:
             self._shed()
         self._wake.set()
@@ -393,7 +402,7 @@ class ClusterHost(Host):
     def _shed(self) -> None:
         """Too much is held while Redis is away: close the connections whose
         frames are held (runners resume and send them again), keep the rest."""
-        shed = {i.conn.id for i in self._held if i.conn is not None and i.fields["k"] != "c"}
+        shed = {i.conn.id for i in self._held if i.conn is not None and i.kind != "c"}
         self._held = [i for i in self._held if i.conn is None or i.conn.id not in shed]
         for conn_id in shed:
             conn = self.connections.get(conn_id)
@@ -409,13 +418,13 @@ class ClusterHost(Host):
                 await self._wake.wait()
                 continue
             batch = self._held[:APPEND_COUNT]
-            now = repr(self.now())
+            head = f"\0{self.node}\0"
+            now = f"\0{self.now()!r}\0"
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for item in batch:
-                        item.fields["w"] = now
-                        pipe.xadd(COMMANDS, item.fields)  # type: ignore[arg-type]
-                    await pipe.execute()
+                await self._append_script(
+                    keys=[COMMANDS],
+                    args=[f"{i.kind}{head}{i.conn_id}{now}{i.rest}" for i in batch],
+                )
             except (RedisError, OSError) as exc:
                 self._unavailable(exc)
                 await backoff.sleep()
@@ -433,8 +442,8 @@ class ClusterHost(Host):
         # Requests already waiting get their answer now; runner frames wait.
         kept: list[_Input] = []
         for item in self._held:
-            conn, fields = item.conn, item.fields
-            if fields["k"] == "r" and conn is not None and self._refuse(conn, fields["t"]):
+            conn = item.conn
+            if item.kind == "r" and conn is not None and self._refuse(conn, item.rest):
                 continue
             kept.append(item)
         self._held = kept
@@ -467,7 +476,7 @@ class ClusterHost(Host):
             backoff.reset()
             entries: list[tuple[str, dict[str, str]]] = answer[0][1] if answer else []
             for entry_id, fields in entries:
-                self._apply_entry(entry_id, fields)
+                self._apply_entry(entry_id, fields["e"])
             if caught_up and self.applied - self._snapshot_at >= self.cluster.snapshot_every:
                 self._take_snapshot()
             if not caught_up and _entry_order(self.last) >= _entry_order(self._target):
@@ -475,36 +484,39 @@ class ClusterHost(Host):
             if not entries:
                 await asyncio.sleep(0)
 
-    def _apply_entry(self, entry_id: str, f: dict[str, str]) -> None:
+    def _apply_entry(self, entry_id: str, entry: str) -> None:
+        """Apply one entry: ``kind NUL node NUL connection NUL time NUL rest``,
+        where rest is the frame's text (``r``), the roles and the key (``c``)
+        or the dead node (``x``)."""
         self.last = entry_id
         self.applied += 1
-        kind = f.get("k")
-        now = float(f.get("w", "0"))
-        conn = f.get("c", "")
+        kind, node, conn, when, rest = entry.split("\0", 4)
+        now = float(when)
         self.ids.begin(entry_id, self._keys.get(conn, ""))
         local = self.connections.get(conn)
         hub = self.hub
         try:
             if kind == "r":
-                fx = hub.receive(conn, f["t"], now)
+                fx = hub.receive(conn, rest, now)
             elif kind == "c":
-                self._keys[conn] = f["e"]
-                self._by_node.setdefault(f["n"], set()).add(conn)
-                roles = [Role(r) for r in f["r"].split(",") if r]
-                self.ids.begin(entry_id, f["e"])
-                fx = hub.connect(conn, roles, now)
+                roles_text, key = rest.split("\0", 1)
+                self._keys[conn] = key
+                self._by_node.setdefault(node, set()).add(conn)
+                roles = [Role(r) for r in roles_text.split(",") if r]
+                self.ids.begin(entry_id, key)
+                fx = hub.connect(conn, roles, now, local=node == self.node)
             elif kind == "d":
                 self._keys.pop(conn, None)
-                self._by_node.get(f["n"], set()).discard(conn)
+                self._by_node.get(node, set()).discard(conn)
                 fx = hub.disconnect(conn, now)
             elif kind == "b":
                 fx = hub.receive_binary(conn, now)
             elif kind == "t":
-                if f["n"] == self.node:
+                if node == self.node:
                     self._tick_pending = False
                 fx = hub.advance(now)
             elif kind == "x":
-                self._node_gone(f["x"], now)
+                self._node_gone(rest, now)
                 return
             else:
                 log.error("ignoring entry %s of unknown kind %r", entry_id, kind)
@@ -644,7 +656,7 @@ class ClusterHost(Host):
             if not exists:
                 log.warning("node %s lost its lease: declaring it dead", node)
                 self._declared.add(node)
-                self._queue({"k": "x", "x": node})
+                self._queue("x", "", node)
 
     async def _tick(self) -> None:
         while True:
@@ -655,4 +667,4 @@ class ClusterHost(Host):
             deadline = self.hub.next_deadline()
             if deadline is not None and deadline <= self.now() and not self._tick_pending:
                 self._tick_pending = True
-                self._queue({"k": "t"})
+                self._queue("t", "", "")

@@ -948,3 +948,22 @@ def test_a_restored_snapshot_decides_alike(
     before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]
 ) -> None:
     _replay_both(before, after)
+
+
+def test_a_remote_connection_is_decided_for_but_not_delivered_to(h: Harness) -> None:
+    remote = 99
+    h.apply(h.hub.connect(remote, [Role.WEB], h.now, local=False))
+    r = h.runner()
+    api = h.connect()
+    build = h.submit(api)
+    (subscribed,) = h.send(remote, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    assert (subscribed.COMMAND, subscribed.build) == ("subscribed", build)
+    (feed,) = h.send(remote, "WEB:subscribe:{}")
+    assert feed.COMMAND == "subscribed"
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "x"}')
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert h.recv(remote) == []  # its own host follows the log for it
+    # Requests and errors are answered as for any connection.
+    (error,) = h.send(remote, 'WEB:get_build:{"build": "nope"}')
+    assert error.code == "unknown_build"
+    assert h.log_of(build) == [(1, "x")]
