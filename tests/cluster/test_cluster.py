@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from citron_protocol import RunnerState
 
@@ -24,6 +25,7 @@ from .conftest import Cluster, ClusterFactory
 SERVER_CASES: list[Callable[[Any], Awaitable[None]]] = [
     server_e2e.test_the_seed_flow_watched_by_two_fronts,
     server_e2e.test_legacy_php_runner_frames_end_to_end,
+    server_e2e.test_invalid_utf8_closes_with_1007,
     server_e2e.test_error_codes_bad_state_on_cancel_echo_req,
     server_e2e.test_binary_frames_are_malformed,
     server_e2e.test_too_many_errors_close_with_1008,
@@ -201,6 +203,25 @@ async def test_a_node_that_joins_later_sees_the_whole_hub(
     await r.send('RUNNER:process:{"finished": true, "success": true}')
     assert await follow(web, build) == [(1, "hello\n")]
     assert late.healthz()["builds"] == {"queued": 0, "running": 0}
+
+
+async def test_sigterm_leaves_the_cluster_at_once(cluster_factory: ClusterFactory) -> None:
+    cluster = cluster_factory("--lost-grace", "30")
+    first, second, third = cluster.nodes
+    api = await peer(second.url)
+    leaving = await runner(first.url)
+    build = await submit(api)
+    assert (await expect(leaving, "run")).build == build
+    assert await asyncio.to_thread(first.terminate) == 0
+    with pytest.raises(ConnectionClosed) as info:
+        await recv(leaving)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    # The others know at once (no lease to wait for): the runner is gone and
+    # its build waits for a resume.
+    web = await peer(third.url)
+    assert (await ask(web, "WEB:get_runners:")).runners == ()
+    info_now = (await ask(web, f'WEB:get_build:{{"build": "{build}"}}')).build
+    assert info_now.state.value == "running"
 
 
 # -- Redis going away ---------------------------------------------------------------
