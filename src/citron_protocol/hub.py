@@ -168,7 +168,8 @@ class Effects:
 
 @attrs.define
 class HubStats:
-    """Counters for metrics: frames by (role, command), errors by code."""
+    """Counters for metrics: frames by (role, command) and errors by code, of
+    this host's connections (``local``); log bytes stored, of every build."""
 
     frames_in: dict[tuple[str, str], int] = attrs.Factory(dict)
     frames_out: dict[tuple[str, str], int] = attrs.Factory(dict)
@@ -428,8 +429,9 @@ class Hub:
         except ProtocolError as exc:
             self._error(c, exc.code, exc.message, exc.req)
             return self._flush()
-        key = (role.value, command)
-        self.stats.frames_in[key] = self.stats.frames_in.get(key, 0) + 1
+        if c.local:
+            key = (role.value, command)
+            self.stats.frames_in[key] = self.stats.frames_in.get(key, 0) + 1
         if isinstance(message, SubmitBuild) and len(payload) > self.config.max_build_bytes:
             self._error(
                 c,
@@ -611,6 +613,8 @@ class Hub:
 
     def _count_out(self, conn: ConnId, command: str, n: int = 1) -> None:
         c = self._conns.get(conn)
+        if c is not None and not c.local:
+            return  # another host's to count
         key = (c.role.value if c and c.role else "", command)
         self.stats.frames_out[key] = self.stats.frames_out.get(key, 0) + n
 
@@ -627,7 +631,8 @@ class Hub:
             self._fx.closes.append(Close(c.id, code, reason))
 
     def _error(self, c: _Conn, code: ErrorCode, message: str, req: str | None = None) -> None:
-        self.stats.errors[code.value] = self.stats.errors.get(code.value, 0) + 1
+        if c.local:
+            self.stats.errors[code.value] = self.stats.errors.get(code.value, 0) + 1
         self._send(c.id, Error(code=code.value, message=message, req=req))
         window = c.errors
         window.append(self._now)

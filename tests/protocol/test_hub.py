@@ -967,3 +967,14 @@ def test_a_remote_connection_is_decided_for_but_not_delivered_to(h: Harness) -> 
     (error,) = h.send(remote, 'WEB:get_build:{"build": "nope"}')
     assert error.code == "unknown_build"
     assert h.log_of(build) == [(1, "x")]
+
+
+def test_stats_count_only_this_hosts_connections(h: Harness) -> None:
+    h.apply(h.hub.connect(99, [Role.API], h.now, local=False))
+    h.send(99, "API:get_runners:")
+    h.send(99, "junk")
+    stats = h.hub.stats
+    assert (stats.frames_in, stats.frames_out, stats.errors) == ({}, {}, {})
+    api = h.connect()
+    h.send(api, "API:get_runners:")
+    assert stats.frames_in == {("API", "get_runners"): 1}
