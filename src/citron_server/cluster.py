@@ -40,7 +40,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
 import attrs
@@ -81,6 +81,13 @@ for i = 1, #ARGV do
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
 end
 return #ARGV
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 _WRITE_CHUNKS = """
@@ -308,6 +315,7 @@ class ClusterHost(Host):
         self.redis = store.redis
         self.reader = connect_redis(self.cluster.url)  # XREAD blocks its connection
         self._append_script = self.redis.register_script(_APPEND)
+        self._unlock_script = self.redis.register_script(_UNLOCK)
         self.last = "0-0"  # the last entry applied
         self.applied = 0
         self.available = True
@@ -320,6 +328,7 @@ class ClusterHost(Host):
         self._lease_since: float | None = None  # since when the lease is renewed
         self._caught_up = asyncio.Event()
         self._snapshot_at = 0  # self.applied when the last snapshot was taken
+        self._snapshotting = "idle"  # then locking, locked (take it now), storing
         self._resync = False  # set when this node fell behind the trimmed stream
         self._background: list[asyncio.Task[None]] = []
 
@@ -477,8 +486,8 @@ class ClusterHost(Host):
             entries: list[tuple[str, dict[str, str]]] = answer[0][1] if answer else []
             for entry_id, fields in entries:
                 self._apply_entry(entry_id, fields["e"])
-            if caught_up and self.applied - self._snapshot_at >= self.cluster.snapshot_every:
-                self._take_snapshot()
+            if caught_up:
+                self._snapshot_due()
             if not caught_up and _entry_order(self.last) >= _entry_order(self._target):
                 self._caught_up.set()
             if not entries:
@@ -576,43 +585,63 @@ class ClusterHost(Host):
         self.last = data["at"]
         log.info("node %s: restored the snapshot at %s", self.node, self.last)
 
-    def _take_snapshot(self) -> None:
-        """Snapshot the replica here, between two entries, and let one node
-        store it and trim the stream."""
-        self._snapshot_at = self.applied
-        fields = {
-            "format": SNAPSHOT_FORMAT,
-            "at": self.last,
-            "hub": base64.b64encode(zlib.compress(self.hub.snapshot(), 1)).decode(),
-            "keys": json.dumps(self._keys),
-            "nodes": json.dumps({node: sorted(conns) for node, conns in self._by_node.items()}),
-        }
-        task = asyncio.create_task(self._store_snapshot(fields))
+    def _snapshot_due(self) -> None:
+        """Called between two batches of entries: every ``snapshot_every``
+        entries, the node that takes a lock snapshots its copy; the others
+        do not spend the time."""
+        if self._snapshotting == "idle":
+            if self.applied - self._snapshot_at >= self.cluster.snapshot_every:
+                self._snapshotting = "locking"
+                self._spawn(self._lock_snapshot())
+        elif self._snapshotting == "locked":
+            self._snapshotting = "storing"
+            self._snapshot_at = self.applied
+            fields = {
+                "format": SNAPSHOT_FORMAT,
+                "at": self.last,
+                "hub": base64.b64encode(zlib.compress(self.hub.snapshot(), 1)).decode(),
+                "keys": json.dumps(self._keys),
+                "nodes": json.dumps({n: sorted(conns) for n, conns in self._by_node.items()}),
+            }
+            self._spawn(self._store_snapshot(fields))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _lock_snapshot(self) -> None:
+        try:
+            locked = await self.redis.set(SNAPSHOT_LOCK, self.node, nx=True, px=30_000)
+        except (RedisError, OSError):
+            locked = False
+        if locked:
+            self._snapshotting = "locked"
+        else:  # another node is at it
+            self._snapshotting = "idle"
+            self._snapshot_at = self.applied
+
     async def _store_snapshot(self, fields: dict[str, str]) -> None:
         try:
-            if not await self.redis.set(SNAPSHOT_LOCK, self.node, nx=True, px=30_000):
-                return  # another node is at it
-            try:
-                stored: Any = await self.redis.hget(SNAPSHOT, "at")
-                if stored and _entry_order(stored) >= _entry_order(fields["at"]):
-                    return
-                await self.redis.hset(SNAPSHOT, mapping=fields)  # type: ignore[arg-type]
-                # Keep what the slowest live node has yet to read.
-                keep = fields["at"]
-                async for key in self.redis.scan_iter(match=node_key("*")):
-                    position: Any = await self.redis.get(key)
-                    if position and _entry_order(position) < _entry_order(keep):
-                        keep = position
-                trimmed = await self.redis.xtrim(COMMANDS, minid=keep)
-                await self.redis.set(TRIMMED, keep)
-                log.info("snapshot at %s stored; %d entries trimmed", fields["at"], trimmed)
-            finally:
-                await self.redis.delete(SNAPSHOT_LOCK)
+            stored: Any = await self.redis.hget(SNAPSHOT, "at")
+            if stored and _entry_order(stored) >= _entry_order(fields["at"]):
+                return
+            await self.redis.hset(SNAPSHOT, mapping=fields)  # type: ignore[arg-type]
+            # Keep what the slowest live node has yet to read.
+            keep = fields["at"]
+            async for key in self.redis.scan_iter(match=node_key("*")):
+                position: Any = await self.redis.get(key)
+                if position and _entry_order(position) < _entry_order(keep):
+                    keep = position
+            trimmed = await self.redis.xtrim(COMMANDS, minid=keep)
+            await self.redis.set(TRIMMED, keep)
+            log.info("snapshot at %s stored; %d entries trimmed", fields["at"], trimmed)
         except (RedisError, OSError) as exc:
             log.warning("storing a snapshot failed: %s", exc)
+        finally:
+            self._snapshotting = "idle"
+            with contextlib.suppress(RedisError, OSError):
+                await self._unlock_script(keys=[SNAPSHOT_LOCK], args=[self.node])
 
     async def _check_trimmed(self) -> None:
         """A node that fell behind what was trimmed (its lease ran out) cannot
