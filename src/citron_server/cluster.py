@@ -71,16 +71,22 @@ SNAPSHOT: Final = PREFIX + "snapshot"
 SNAPSHOT_LOCK: Final = PREFIX + "snapshot-lock"
 SNAPSHOT_FORMAT: Final = "citron-hub-1"
 TRIMMED: Final = PREFIX + "trimmed"
+APPENDED: Final = PREFIX + "appended"  # node -> the number of its last batch appended
 READ_COUNT: Final = 1000  # entries per read
 APPEND_COUNT: Final = 1000  # entries per append round trip
 MAX_HELD: Final = 100_000  # entries held while Redis is away, before runners are closed
 TRY_AGAIN_LATER: Final = 1013  # WebSocket close code
 
 _APPEND = """
-for i = 1, #ARGV do
+local number = tonumber(ARGV[2])
+if number <= tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') then
+  return 0
+end
+for i = 3, #ARGV do
   redis.call('XADD', KEYS[1], '*', 'e', ARGV[i])
 end
-return #ARGV
+redis.call('HSET', KEYS[2], ARGV[1], number)
+return #ARGV - 2
 """
 
 _UNLOCK = """
@@ -320,6 +326,8 @@ class ClusterHost(Host):
         self.applied = 0
         self.available = True
         self._held: list[_Input] = []
+        self._inflight: tuple[int, list[str]] | None = None  # a batch being appended
+        self._batches = 0  # batches appended
         self._wake = asyncio.Event()
         self._keys: dict[str, str] = {}  # connection -> its key for secrets
         self._by_node: dict[str, set[str]] = {}  # node -> its connections
@@ -363,7 +371,7 @@ class ClusterHost(Host):
         await self.close_connections()
         self._queue("x", "", self.node)
         deadline = time.monotonic() + 3
-        while self._held and time.monotonic() < deadline:
+        while (self._held or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for task in [*self._background, *self._tasks]:
             task.cancel()
@@ -420,27 +428,35 @@ class ClusterHost(Host):
         log.warning("Redis away: closed %d connections whose frames were held", len(shed))
 
     async def _append(self) -> None:
+        """Append what is held, in batches. A batch whose answer was lost (Redis
+        went away as it ran) is sent again as it was: the script appends a
+        batch number once, so a retry never appends an input twice."""
         backoff = _Backoff()
         while True:
-            if not self._held:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._held[:APPEND_COUNT]
-            head = f"\0{self.node}\0"
-            now = f"\0{self.now()!r}\0"
+            if self._inflight is None:
+                if not self._held:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = self._held[:APPEND_COUNT]
+                del self._held[: len(batch)]
+                head = f"\0{self.node}\0"
+                now = f"\0{self.now()!r}\0"
+                payloads = [f"{i.kind}{head}{i.conn_id}{now}{i.rest}" for i in batch]
+                self._inflight = (self._batches + 1, payloads)
+            number, payloads = self._inflight
             try:
                 await self._append_script(
-                    keys=[COMMANDS],
-                    args=[f"{i.kind}{head}{i.conn_id}{now}{i.rest}" for i in batch],
+                    keys=[COMMANDS, APPENDED], args=[self.node, number, *payloads]
                 )
             except (RedisError, OSError) as exc:
                 self._unavailable(exc)
                 await backoff.sleep()
                 continue
+            self._batches = number
+            self._inflight = None
             backoff.reset()
             self._available()
-            del self._held[: len(batch)]
 
     def _unavailable(self, exc: BaseException) -> None:
         if self.available:
@@ -635,6 +651,11 @@ class ClusterHost(Host):
                     keep = position
             trimmed = await self.redis.xtrim(COMMANDS, minid=keep)
             await self.redis.set(TRIMMED, keep)
+            # Forget the batch numbers of nodes that are gone.
+            numbered: Any = await self.redis.hkeys(APPENDED)
+            for node in numbered:
+                if node != self.node and not await self.redis.exists(node_key(node)):
+                    await self.redis.hdel(APPENDED, node)
             log.info("snapshot at %s stored; %d entries trimmed", fields["at"], trimmed)
         except (RedisError, OSError) as exc:
             log.warning("storing a snapshot failed: %s", exc)

@@ -28,7 +28,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """Debian's redis-server on a free loopback port, nothing on disk."""
+    """Debian's redis-server on a free loopback port, with its append-only
+    file (as docs/operations.md asks), in a temporary directory."""
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
@@ -53,7 +54,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(self.workdir),
             ],
@@ -73,8 +76,10 @@ class RedisServer:
         client.close()
 
     def stop(self) -> None:
+        """Shut down as an operator would (SIGTERM: the append-only file is
+        synced, a restart finds everything)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.terminate()
             self.proc.wait(10)
 
     def url(self, db: int = 0) -> str:

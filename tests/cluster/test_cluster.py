@@ -18,7 +18,7 @@ from ..client import test_e2e as client_e2e
 from ..peers import ask, expect, follow, peer, recv, runner, submit
 from ..procs import Spawn, citron, eventually, run_module, runner_argv
 from ..server import test_e2e as server_e2e
-from .conftest import Cluster, ClusterFactory
+from .conftest import Cluster, ClusterFactory, RedisServer
 
 # -- the end-to-end suite, with every peer on another node -------------------------
 
@@ -251,10 +251,50 @@ async def test_redis_away_answers_unavailable_and_recovers(cluster: Cluster) -> 
             await asyncio.sleep(0.2)
 
     assert (await asyncio.wait_for(answered(), 20)).req == "after"
-    # The same connections carry on; a build runs across nodes again.
+    # The same connections carry on; a build runs across nodes again. Each
+    # node learns on its own that Redis is back: until then, it still says
+    # unavailable, and the client sends the request again.
     r = await runner(cluster.nodes[2].url)
-    build = await asyncio.wait_for(submit(api), 20)
+
+    async def submitted() -> str:
+        while True:
+            reply = await ask(api, 'API:run:{"repo": "r", "script": ["make"]}')
+            if reply.COMMAND == "queued":
+                return str(reply.build)
+            assert reply.code == "unavailable"
+            await asyncio.sleep(0.2)
+
+    build = await asyncio.wait_for(submitted(), 20)
     assert (await expect(r, "run")).build == build
+
+
+async def test_runner_frames_wait_out_a_redis_outage(cluster: Cluster) -> None:
+    first, second, third = cluster.nodes
+    api = await peer(second.url)
+    r = await runner(first.url)
+    build = await submit(api)
+    await expect(r, "run")
+    web = await peer(third.url)
+    await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+
+    def line(i: int) -> str:
+        return f'RUNNER:process:{{"finished": false, "log": "line {i}\\n", "seq": {i}}}'
+
+    for i in range(1, 51):
+        await r.send(line(i))
+    cluster.redis.stop()
+    try:
+        for i in range(51, 101):  # held by the runner's node, in order
+            await r.send(line(i))
+        await asyncio.sleep(0.5)
+    finally:
+        cluster.redis.start()
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    expected = [(i, f"line {i}\n") for i in range(1, 101)]
+    assert await follow(web, build, timeout=30) == expected
+    late = await peer(second.url)
+    await ask(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    assert await follow(late, build) == expected
 
 
 # -- retention -----------------------------------------------------------------------
@@ -347,3 +387,20 @@ def test_an_unreachable_redis_is_one_line_and_exit_2() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("citron-server: error: cannot reach Redis")
     assert "Traceback" not in result.stderr
+
+
+def test_a_batch_sent_again_is_appended_once(redis_server: RedisServer) -> None:
+    """When Redis goes away while a batch is appended, the node cannot know
+    whether it was: it sends the same batch again, and the append script
+    appends each batch number of a node once."""
+    from citron_server.cluster import _APPEND, APPENDED, COMMANDS
+
+    client = redis_server.client()
+    client.flushall()
+    append = client.register_script(_APPEND)
+    batch = ["r\0n1\0n1/1\x001.0\0RUNNER:init:{}", "d\0n1\0n1/1\x001.0\0"]
+    assert append(keys=[COMMANDS, APPENDED], args=["n1", 1, *batch]) == 2
+    assert append(keys=[COMMANDS, APPENDED], args=["n1", 1, *batch]) == 0  # the retry
+    assert append(keys=[COMMANDS, APPENDED], args=["n2", 1, batch[0]]) == 1  # another node
+    assert append(keys=[COMMANDS, APPENDED], args=["n1", 2, batch[1]]) == 1
+    assert [f["e"] for _, f in client.xrange(COMMANDS)] == [*batch, batch[0], batch[1]]
