@@ -65,6 +65,24 @@ def test_cancel_across_nodes(cluster: Cluster, spawn: Spawn, git_repo: Path) -> 
     client_e2e.test_cancel_kills_the_whole_build(cluster, spawn, git_repo)  # type: ignore[arg-type]
 
 
+async def test_the_live_feed_shows_the_whole_cluster(cluster: Cluster) -> None:
+    first, second, third = cluster.nodes
+    feed = await peer(third.url)
+    assert (await ask(feed, "WEB:subscribe:{}")).COMMAND == "subscribed"
+    r = await runner(first.url)
+    registered = await expect(feed, "runner")
+    assert registered.runner.state is RunnerState.WAITING and not registered.gone
+    api = await peer(second.url)
+    build = await submit(api)
+    queued = await expect(feed, "state")
+    assert (queued.build.id, queued.build.state.value) == (build, "queued")
+    await expect(r, "run")
+    await r.close()
+    while not (change := await expect(feed, "runner")).gone:
+        pass
+    assert change.runner.id == registered.runner.id
+
+
 # -- dispatch ------------------------------------------------------------------------
 
 
