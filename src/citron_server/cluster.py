@@ -4,10 +4,13 @@ The design is state machine replication over one Redis stream:
 
 - Every input of the hub (a connection opened, a frame, a connection closed,
   the clock reaching a deadline, a node declared dead) is appended by the node
-  where it happened to the command stream ``citron:cmd``. Redis orders the
-  appends of all nodes into one sequence.
-- Every node reads that stream from its start and applies each entry, in
-  order, to its own replica of the sans-IO hub. Ids and session secrets come
+  where it happened to the command stream ``citron:cmd``, in numbered
+  batches that a retry cannot append twice. Redis orders the appends of all
+  nodes into one sequence.
+- Every node reads that stream (from the last snapshot, ``citron:snapshot``,
+  which one node stores every ``snapshot_every`` entries before trimming the
+  stream) and applies each entry, in order, to its own replica of the
+  sans-IO hub. Ids and session secrets come
   from the entry (its id and the connection's random key), so every replica
   makes the same decision at the same point: which runner gets a build, which
   build a runner gets, whether a resume is accepted. A build can never go to
@@ -498,10 +501,19 @@ class ClusterHost(Host):
                 self._unavailable(exc)
                 await backoff.sleep()
                 continue
+            except Exception:  # a snapshot this node cannot load: say so, keep trying
+                self.internal_errors += 1
+                log.exception("node %s cannot load the cluster's snapshot", self.node)
+                await backoff.sleep()
+                continue
             backoff.reset()
             entries: list[tuple[str, dict[str, str]]] = answer[0][1] if answer else []
             for entry_id, fields in entries:
-                self._apply_entry(entry_id, fields["e"])
+                try:
+                    self._apply_entry(entry_id, fields.get("e", ""))
+                except Exception:  # the reader must go on, whatever one entry does
+                    self.internal_errors += 1
+                    log.exception("internal error on entry %s", entry_id)
             if caught_up:
                 self._snapshot_due()
             if not caught_up and _entry_order(self.last) >= _entry_order(self._target):
@@ -515,8 +527,12 @@ class ClusterHost(Host):
         or the dead node (``x``)."""
         self.last = entry_id
         self.applied += 1
-        kind, node, conn, when, rest = entry.split("\0", 4)
-        now = float(when)
+        try:
+            kind, node, conn, when, rest = entry.split("\0", 4)
+            now = float(when)
+        except ValueError:  # not written by citron: every replica skips it alike
+            log.error("skipping entry %s of %s: not a citron entry", entry_id, COMMANDS)
+            return
         self.ids.begin(entry_id, self._keys.get(conn, ""))
         local = self.connections.get(conn)
         hub = self.hub
@@ -691,6 +707,8 @@ class ClusterHost(Host):
                     await self._check_trimmed()
             except (RedisError, OSError) as exc:
                 self._unavailable(exc)
+            except Exception:  # the lease must be renewed whatever else fails
+                log.exception("internal error while renewing the lease")
             await asyncio.sleep(lease / 5)
 
     async def _find_dead(self) -> None:

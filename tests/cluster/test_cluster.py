@@ -315,6 +315,18 @@ async def test_runner_frames_wait_out_a_redis_outage(cluster: Cluster) -> None:
     assert await follow(late, build) == expected
 
 
+async def test_a_foreign_entry_in_the_stream_is_skipped(cluster: Cluster) -> None:
+    client = cluster.redis.client()
+    client.xadd("citron:cmd", {"e": "not a citron entry"})
+    client.xadd("citron:cmd", {"other": "field"})
+    r = await runner(cluster.nodes[0].url)
+    api = await peer(cluster.nodes[1].url)
+    build = await submit(api)
+    assert (await expect(r, "run")).build == build
+    for node in cluster.nodes:
+        assert "not a citron entry" in node.log()
+
+
 # -- retention -----------------------------------------------------------------------
 
 
