@@ -434,3 +434,39 @@ def test_a_batch_sent_again_is_appended_once(redis_server: RedisServer) -> None:
     assert append(keys=[COMMANDS, APPENDED], args=["n2", 1, batch[0]]) == 1  # another node
     assert append(keys=[COMMANDS, APPENDED], args=["n1", 2, batch[1]]) == 1
     assert [f["e"] for _, f in client.xrange(COMMANDS)] == [*batch, batch[0], batch[1]]
+
+
+# -- the wire-level tools against one node of a cluster -------------------------------
+
+
+def test_conformance_passes_on_a_cluster_node(cluster_factory: ClusterFactory) -> None:
+    tokens = ["--runner-token", "at", "--api-token", "at", "--web-token", "wt"]
+    cluster = cluster_factory("--lost-grace", "1", "--cancel-timeout", "1", *tokens)
+    result = citron(
+        "conformance",
+        cluster.nodes[1].url,
+        "--lost-grace",
+        "1",
+        "--cancel-timeout",
+        "1",
+        *tokens,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "13 passed, 0 failed" in result.stdout
+
+
+def test_fuzz_passes_on_a_cluster_node(cluster: Cluster) -> None:
+    result = citron(
+        "fuzz",
+        cluster.nodes[2].url,
+        "--frames",
+        "1500",
+        "--seed",
+        "7",
+        "--role",
+        "all",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "violations: 0" in result.stdout
