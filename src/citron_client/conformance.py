@@ -463,6 +463,7 @@ class ServerConformance:
         why = {
             "unauthorized": "needs different tokens for API and WEB",
             "role_mismatch": "needs a token that opens two roles",
+            "unavailable": "comes only from a server that cannot reach its shared state",
         }
         notes = [f"{code} {why.get(code, 'was not produced')}" for code in sorted(missing)]
         return f"{len(seen)} codes" + (f" ({'; '.join(notes)})" if notes else "")
