@@ -524,11 +524,11 @@ class Hub:
         :meth:`from_snapshot` and fed the same inputs after this point, a copy
         makes the same decisions as this hub.
 
-        It includes session secrets and build secrets (of builds not finished
-        yet): keep it where you keep the hub's inputs. Subscriptions and the
-        live feed are not part of it: they belong to the host whose connection
-        they serve. The format is this version of citron's; restore it with
-        the same version.
+        It includes session secrets and the secrets of builds not finished
+        (the hub forgets them when a build ends): keep it where you keep the
+        hub's inputs. A restored copy has no subscriptions and no live feed:
+        they belong to the host whose connection they serve. The format is
+        this version of citron's; restore it with the same version.
         """
         fx = self._fx
         if fx:
@@ -556,13 +556,7 @@ class Hub:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_handlers")
-        # Finished builds' secrets are of no more use: keep them out. (A
-        # finished build is in no queue and no runner's hands: a copy is safe.)
-        state["_builds"] = {
-            build_id: attrs.evolve(b, secrets=None) if b.secrets and b.state.finished else b
-            for build_id, b in self._builds.items()
-        }
+        state.pop("_handlers")  # bound methods: made again on restore
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -686,6 +680,8 @@ class Hub:
             changes.setdefault("finished", self._now)
             changes.setdefault("success", state is BuildState.SUCCESS)
             self._deadlines.pop(build.id, None)
+            if state is not BuildState.LOST:  # a lost build may be requeued: see _lose
+                build.secrets = None  # of no more use: not kept a moment longer
         self._save(build, state=state, **changes)
         self._notify_build(build)
 
@@ -798,6 +794,7 @@ class Hub:
         was_cancelling = build.state is BuildState.CANCELLING
         self._transition(build, BuildEvent.LOSE)
         if was_cancelling:
+            build.secrets = None
             return
         if attempt <= self.config.retry_lost:
             self._notice(
@@ -818,6 +815,7 @@ class Hub:
             self._dispatch_build(build)
         else:
             self._notice(build, f"attempt {attempt} lost its runner; no retry left")
+            build.secrets = None
 
     # -- runners ----------------------------------------------------------------------
 

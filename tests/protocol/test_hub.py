@@ -978,3 +978,14 @@ def test_stats_count_only_this_hosts_connections(h: Harness) -> None:
     api = h.connect()
     h.send(api, "API:get_runners:")
     assert stats.frames_in == {("API", "get_runners"): 1}
+
+
+def test_a_finished_builds_secrets_are_forgotten(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect()
+    (queued,) = h.send(api, SECRET_RUN)
+    h.recv(r)
+    assert b"hunter22" in h.hub.snapshot()
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert b"hunter22" not in h.hub.snapshot()
+    assert build_state(h, queued.build) is BuildState.SUCCESS
