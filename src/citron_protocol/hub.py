@@ -881,7 +881,10 @@ class Hub:
                 ErrorCode.BAD_STATE, "this connection is already registered as another runner"
             )
         runner = _Runner(
-            id=self._ids.new_id("runner"), conn=c, init=msg, session=self._ids.new_secret()
+            id=self._fresh_id("runner", self._runners),
+            conn=c,
+            init=msg,
+            session=self._ids.new_secret(),
         )
         c.runner = runner
         self._runners[runner.id] = runner
@@ -971,6 +974,14 @@ class Hub:
 
     # -- handlers: API and WEB -----------------------------------------------------------
 
+    def _fresh_id(self, kind: str, taken: dict[str, Any]) -> str:
+        """An id from the IdSource that names nothing yet (random ids can
+        collide, however rarely; asking again is deterministic)."""
+        new = self._ids.new_id(kind)
+        while new in taken:
+            new = self._ids.new_id(kind)
+        return new
+
     def _find(self, build_id: str) -> _Build:
         build = self._builds.get(build_id)
         if build is None:
@@ -980,7 +991,7 @@ class Hub:
     def _on_submit(self, c: _Conn, msg: SubmitBuild) -> None:
         self._number += 1
         record = BuildRecord(
-            id=self._ids.new_id("build"),
+            id=self._fresh_id("build", self._builds),
             number=self._number,
             state=BuildState.QUEUED,
             repo=msg.repo,

@@ -320,7 +320,7 @@ class ClusterHost(Host):
         self.ids = ReplicaIds()
         super().__init__(store, hub_config, config, hub=Hub(self.ids, hub_config))
         self.cluster = store.config
-        self.node = secrets.token_hex(4)
+        self.node = secrets.token_hex(6)
         self.redis = store.redis
         self.reader = connect_redis(self.cluster.url)  # XREAD blocks its connection
         self._append_script = self.redis.register_script(_APPEND)

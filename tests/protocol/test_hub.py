@@ -989,3 +989,28 @@ def test_a_finished_builds_secrets_are_forgotten(h: Harness) -> None:
     h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
     assert b"hunter22" not in h.hub.snapshot()
     assert build_state(h, queued.build) is BuildState.SUCCESS
+
+
+class _CollidingIds(CountingIds):
+    """Gives every id twice: the second build would take the first one's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: str | None = None
+
+    def new_id(self, kind: str) -> str:
+        if self._last is None:
+            self._last = super().new_id(kind)
+            return self._last
+        last, self._last = self._last, None
+        return last
+
+
+def test_an_id_that_collides_is_drawn_again() -> None:
+    h = Harness()
+    h.ids = _CollidingIds()
+    h.hub = Hub(h.ids)
+    api = h.connect()
+    first, second = h.submit(api), h.submit(api)
+    assert first != second
+    assert {b.id for b in h.send(api, 'API:get_builds:{"limit": 5}')[0].builds} == {first, second}
