@@ -39,6 +39,10 @@ def test_help() -> None:
         "--compression",
         "--log-level",
         "--insecure",
+        "--engine",
+        "--node-lease",
+        "--log-retention",
+        "--snapshot-every",
         "CITRON_",
     ]:
         assert option in result.stdout
@@ -57,6 +61,10 @@ def test_help() -> None:
         (["--host", "0.0.0.0"], {}, "refusing to listen on 0.0.0.0"),
         (["--host", "0.0.0.0", "--api-token", "a", "--web-token", "w"], {}, "(RUNNER)"),
         (["--db", "/nonexistent/dir/citron.db"], {}, "cannot open database"),
+        (["--engine", "mysql://db/citron"], {}, "expected sqlite or a Redis URL"),
+        (["--log-retention", "60"], {}, "--log-retention needs --engine redis://"),
+        (["--snapshot-every", "0"], {}, "must be at least 1"),
+        ([], {"CITRON_ENGINE": "postgres://x"}, "CITRON_ENGINE: expected sqlite or a Redis"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(
