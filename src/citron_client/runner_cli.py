@@ -51,7 +51,8 @@ def build_parser() -> _Parser:
     parser.add_argument(
         "url",
         nargs="+",
-        help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws; several: tried in turn",
+        help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws; several (separate"
+        " arguments, or comma-separated as for citron): tried in turn",
     )
     parser.add_argument("--type", default="simple", help="runner type (default simple)")
     parser.add_argument("--name", help="a name shown to people")
@@ -74,10 +75,11 @@ def build_parser() -> _Parser:
 
 async def _serve(args: argparse.Namespace) -> int:
     hosts = []
+    urls = [url for arg in args.url for url in arg.split(",") if url]
     for i in range(args.spawn):
         name = args.name if args.spawn == 1 or not args.name else f"{args.name}-{i + 1}"
         runner = SimpleRunner(type=args.type, name=name, workdir=args.workdir, keep=args.keep)
-        hosts.append(RunnerHost(runner, args.url, token=args.token, once=args.once))
+        hosts.append(RunnerHost(runner, urls, token=args.token, once=args.once))
     interrupts = 0
 
     def on_signal(sig: signal.Signals) -> None:

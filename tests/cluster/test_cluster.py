@@ -155,7 +155,7 @@ def test_kill_9_mid_build_the_build_finishes_on_another_node(
 ) -> None:
     first, second, third = cluster.nodes
     # The runner knows every node, and starts on the first.
-    spawn(*runner_argv(first.url, second.url, third.url), log_name="runner")
+    spawn(*runner_argv(f"{first.url},{second.url}", third.url), log_name="runner")
     eventually(
         lambda: json.loads(citron("runners", third.url, "--json").stdout) or None,
         "the runner registered",
