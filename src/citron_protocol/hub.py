@@ -98,6 +98,8 @@ class CloseCode:
     GOING_AWAY: Final = 1001
     POLICY: Final = 1008  # unauthorized, or too many errors
     TOO_BIG: Final = 1009
+    SERVICE_RESTART: Final = 1012  # a cluster node lost its place: reconnect, resume
+    TRY_AGAIN_LATER: Final = 1013  # a cluster node could not hold a runner's frames
     CANCEL_TIMEOUT: Final = 4001  # a runner did not end a cancelled build in time
     REPLACED: Final = 4002  # a resume on another connection took this runner's build
     SLOW_CONSUMER: Final = 4008

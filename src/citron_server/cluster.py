@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 
 from citron_protocol import (
     BuildRecord,
+    CloseCode,
     Hub,
     HubConfig,
     LogRecord,
@@ -78,7 +79,6 @@ APPENDED: Final = PREFIX + "appended"  # node -> the number of its last batch ap
 READ_COUNT: Final = 1000  # entries per read
 APPEND_COUNT: Final = 1000  # entries per append round trip
 MAX_HELD: Final = 100_000  # entries held while Redis is away, before runners are closed
-TRY_AGAIN_LATER: Final = 1013  # WebSocket close code
 
 _APPEND = """
 local number = tonumber(ARGV[2])
@@ -427,7 +427,7 @@ class ClusterHost(Host):
         for conn_id in shed:
             conn = self.connections.get(conn_id)
             if conn is not None:
-                conn.close(TRY_AGAIN_LATER, "the server cannot reach Redis")
+                conn.close(CloseCode.TRY_AGAIN_LATER, "the server cannot reach Redis")
         log.warning("Redis away: closed %d connections whose frames were held", len(shed))
 
     async def _append(self) -> None:
@@ -490,8 +490,7 @@ class ClusterHost(Host):
             caught_up = self._caught_up.is_set()
             try:
                 if self._resync:
-                    for local in list(self.connections.values()):
-                        local.close(1012, "this server lost its place in the cluster")
+                    self._lost_place()
                     await self._load_snapshot()
                     self._resync = False
                 answer: Any = await self.reader.xread(
@@ -582,8 +581,7 @@ class ClusterHost(Host):
         if node == self.node and self.started:
             # The others declared this node dead: its connections no longer
             # exist in the hub. Close them; their peers reconnect and resume.
-            for local in list(self.connections.values()):
-                local.close(1012, "this server lost its place in the cluster")
+            self._lost_place()
 
     # -- snapshots: the command stream stays short ------------------------------------------
 
@@ -689,6 +687,13 @@ class ClusterHost(Host):
         log.error("node %s fell behind the trimmed stream: reloading the snapshot", self.node)
         self._resync = True
 
+    def _lost_place(self) -> None:
+        """This node's connections are gone from the hub (the others declared
+        it dead, or it reloads a snapshot): close them; they reconnect and
+        resume."""
+        for local in list(self.connections.values()):
+            local.close(CloseCode.SERVICE_RESTART, "this server lost its place in the cluster")
+
     # -- leases and timers --------------------------------------------------------------
 
     async def _renew(self) -> None:
@@ -726,13 +731,10 @@ class ClusterHost(Host):
                 self._declared.add(node)
                 self._queue("x", "", node)
 
-    async def _tick(self) -> None:
-        while True:
-            deadline = self.hub.next_deadline()
-            now = self.now()
-            delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
-            await asyncio.sleep(max(delay, 0.01))
-            deadline = self.hub.next_deadline()
-            if deadline is not None and deadline <= self.now() and not self._tick_pending:
-                self._tick_pending = True
-                self._queue("t", "", "")
+    def _deadline_reached(self) -> None:
+        """The clock is an input like any other: it goes through the stream
+        (one entry at a time per node; every node's is applied alike)."""
+        deadline = self.hub.next_deadline()
+        if deadline is not None and deadline <= self.now() and not self._tick_pending:
+            self._tick_pending = True
+            self._queue("t", "", "")

@@ -263,10 +263,14 @@ class Host:
             delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
             await asyncio.sleep(max(delay, 0.01))
             try:
-                self.apply(self.hub.advance(self.now()))
+                self._deadline_reached()
             except Exception:  # the timers must keep running
                 self.internal_errors += 1
                 log.exception("internal error while advancing the hub's timers")
+
+    def _deadline_reached(self) -> None:
+        """The clock may have reached the hub's next deadline."""
+        self.apply(self.hub.advance(self.now()))
 
     def dirty(self, conn: Connection) -> None:
         """``conn`` has frames to write at the end of this turn of the loop."""

@@ -89,11 +89,22 @@ def _seconds(text: str) -> float:
 
 
 def _engine(text: str) -> str:
-    if text == "sqlite" or text.startswith(("redis://", "rediss://", "unix://")):
+    if text == "sqlite":
         return text
-    raise argparse.ArgumentTypeError(
-        f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {text!r}"
-    )
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(
+            f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {text!r}"
+        )
+    from redis.connection import parse_url
+
+    try:
+        parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a usable Redis URL: {exc}") from None
+    path = text.split("?", 1)[0].split("://", 1)[1].partition("/")[2]
+    if not text.startswith("unix://") and path and not path.isdigit():
+        raise argparse.ArgumentTypeError(f"the database in {text!r} must be a number")
+    return text
 
 
 def _token(text: str) -> str:

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from citron_protocol import RunnerState
 
 from ..client import test_e2e as client_e2e
+from ..client import test_tools as client_tools
 from ..peers import ask, expect, follow, peer, recv, runner, submit
 from ..procs import Spawn, citron, eventually, run_module, runner_argv
 from ..server import test_e2e as server_e2e
@@ -440,33 +441,11 @@ def test_a_batch_sent_again_is_appended_once(redis_server: RedisServer) -> None:
 
 
 def test_conformance_passes_on_a_cluster_node(cluster_factory: ClusterFactory) -> None:
-    tokens = ["--runner-token", "at", "--api-token", "at", "--web-token", "wt"]
-    cluster = cluster_factory("--lost-grace", "1", "--cancel-timeout", "1", *tokens)
-    result = citron(
-        "conformance",
-        cluster.nodes[1].url,
-        "--lost-grace",
-        "1",
-        "--cancel-timeout",
-        "1",
-        *tokens,
-        timeout=180,
+    # The same checks as against one server, against the second node.
+    client_tools.test_conformance_passes_on_citron_server(
+        lambda *args: cluster_factory(*args).nodes[1]
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "13 passed, 0 failed" in result.stdout
 
 
-def test_fuzz_passes_on_a_cluster_node(cluster: Cluster) -> None:
-    result = citron(
-        "fuzz",
-        cluster.nodes[2].url,
-        "--frames",
-        "1500",
-        "--seed",
-        "7",
-        "--role",
-        "all",
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    assert "violations: 0" in result.stdout
+def test_fuzz_passes_on_a_cluster_node(cluster_factory: ClusterFactory) -> None:
+    client_tools.test_fuzz_passes_on_citron_server(lambda *args: cluster_factory(*args).nodes[2])

@@ -62,6 +62,8 @@ def test_help() -> None:
         (["--host", "0.0.0.0", "--api-token", "a", "--web-token", "w"], {}, "(RUNNER)"),
         (["--db", "/nonexistent/dir/citron.db"], {}, "cannot open database"),
         (["--engine", "mysql://db/citron"], {}, "expected sqlite or a Redis URL"),
+        (["--engine", "redis://localhost:abc/0"], {}, "not a usable Redis URL"),
+        (["--engine", "redis://localhost:6379/xyz"], {}, "must be a number"),
         (["--log-retention", "60"], {}, "--log-retention needs --engine redis://"),
         (["--snapshot-every", "0"], {}, "must be at least 1"),
         ([], {"CITRON_ENGINE": "postgres://x"}, "CITRON_ENGINE: expected sqlite or a Redis"),
