@@ -50,7 +50,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         store = SqliteStore(settings.db, on_commit=metrics.on_commit)
         host = Host(store, hub_config, host_config)
     else:
-        from .cluster import ClusterConfig, ClusterHost, RedisStore
+        from .cluster import ClusterConfig, ClusterHost, RedisStore, redacted
 
         redis_store = RedisStore(
             ClusterConfig(
@@ -63,7 +63,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         store = redis_store
         cluster_host = ClusterHost(redis_store, hub_config, host_config)
         host = cluster_host
-        engine_line = f"engine {_redacted(settings.engine)} (Redis, node {cluster_host.node})"
+        engine_line = f"engine {redacted(settings.engine)} (Redis, node {cluster_host.node})"
     metrics.watch(host)
     auth = Auth(
         {
@@ -106,13 +106,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await transport.stop_accepting()
     await host.shutdown()
     await transport.close()
-
-
-def _redacted(url: str) -> str:
-    """A Redis URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, where = rest.rpartition("@")
-    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,7 @@ from citron_protocol import (
 from .host import Connection, Host, HostConfig
 from .store import StoreError
 
-__all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds"]
+__all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds", "redacted"]
 
 log = logging.getLogger("citron.cluster")
 
@@ -105,6 +105,13 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its credentials, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def log_key(build: str) -> str:
@@ -209,7 +216,7 @@ class RedisStore:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
-            raise StoreError(f"cannot reach Redis at {self.config.url}: {exc}") from None
+            raise StoreError(f"cannot reach Redis at {redacted(self.config.url)}: {exc}") from None
         self._writer = asyncio.create_task(self._run())
 
     async def load_builds(self) -> list[BuildRecord]:
