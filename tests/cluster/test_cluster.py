@@ -21,6 +21,17 @@ from ..procs import Spawn, citron, eventually, run_module, runner_argv
 from ..server import test_e2e as server_e2e
 from .conftest import Cluster, ClusterFactory, RedisServer
 
+
+async def running_build(runner_url: str, api_url: str) -> tuple[Any, Any, str]:
+    """A runner on one node running a build that a backend on another node
+    submitted: (backend, runner, build)."""
+    r = await runner(runner_url)
+    api = await peer(api_url)
+    build = await submit(api)
+    assert (await expect(r, "run")).build == build
+    return api, r, build
+
+
 # -- the end-to-end suite, with every peer on another node -------------------------
 
 SERVER_CASES: list[Callable[[Any], Awaitable[None]]] = [
@@ -191,10 +202,7 @@ async def test_a_runner_that_never_comes_back_is_lost_and_retried(
 ) -> None:
     cluster = cluster_factory("--lost-grace", "1")
     first, second, third = cluster.nodes
-    api = await peer(second.url)
-    doomed = await runner(first.url)
-    build = await submit(api)
-    assert (await expect(doomed, "run")).build == build
+    api, _doomed, build = await running_build(first.url, second.url)
     web = await peer(third.url)
     await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
     first.kill9()
@@ -209,10 +217,7 @@ async def test_a_node_that_joins_later_sees_the_whole_hub(
     cluster_factory: ClusterFactory,
 ) -> None:
     cluster = cluster_factory(nodes=2)
-    api = await peer(cluster.nodes[0].url)
-    r = await runner(cluster.nodes[1].url)
-    build = await submit(api)
-    await expect(r, "run")
+    _api, r, build = await running_build(cluster.nodes[1].url, cluster.nodes[0].url)
     await r.send('RUNNER:process:{"finished": false, "log": "hello\\n"}')
     late = cluster_factory(nodes=1).nodes[0]
     web = await peer(late.url)
@@ -227,10 +232,7 @@ async def test_a_node_that_joins_later_sees_the_whole_hub(
 async def test_sigterm_leaves_the_cluster_at_once(cluster_factory: ClusterFactory) -> None:
     cluster = cluster_factory("--lost-grace", "30")
     first, second, third = cluster.nodes
-    api = await peer(second.url)
-    leaving = await runner(first.url)
-    build = await submit(api)
-    assert (await expect(leaving, "run")).build == build
+    _api, leaving, build = await running_build(first.url, second.url)
     assert await asyncio.to_thread(first.terminate) == 0
     with pytest.raises(ConnectionClosed) as info:
         await recv(leaving)
@@ -289,10 +291,7 @@ async def test_redis_away_answers_unavailable_and_recovers(cluster: Cluster) -> 
 
 async def test_runner_frames_wait_out_a_redis_outage(cluster: Cluster) -> None:
     first, second, third = cluster.nodes
-    api = await peer(second.url)
-    r = await runner(first.url)
-    build = await submit(api)
-    await expect(r, "run")
+    _api, r, build = await running_build(first.url, second.url)
     web = await peer(third.url)
     await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
 
@@ -320,10 +319,7 @@ async def test_a_foreign_entry_in_the_stream_is_skipped(cluster: Cluster) -> Non
     client = cluster.redis.client()
     client.xadd("citron:cmd", {"e": "not a citron entry"})
     client.xadd("citron:cmd", {"other": "field"})
-    r = await runner(cluster.nodes[0].url)
-    api = await peer(cluster.nodes[1].url)
-    build = await submit(api)
-    assert (await expect(r, "run")).build == build
+    await running_build(cluster.nodes[0].url, cluster.nodes[1].url)
     for node in cluster.nodes:
         assert "not a citron entry" in node.log()
 
@@ -335,10 +331,7 @@ async def test_finished_logs_expire_after_the_retention(
     cluster_factory: ClusterFactory,
 ) -> None:
     cluster = cluster_factory("--log-retention", "1", nodes=2)
-    api = await peer(cluster.nodes[0].url)
-    r = await runner(cluster.nodes[1].url)
-    build = await submit(api)
-    await expect(r, "run")
+    api, r, build = await running_build(cluster.nodes[1].url, cluster.nodes[0].url)
     await r.send('RUNNER:process:{"finished": false, "log": "kept a while\\n"}')
     client = cluster.redis.client()
     key = f"citron:log:{build}"
