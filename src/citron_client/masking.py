@@ -10,7 +10,8 @@ MASK = "***"
 
 
 class SecretMasker:
-    """Replaces every secret value in a stream of text with ``***``.
+    """Replaces every secret value in a stream of text with ``***``, the
+    longest first (equal lengths in alphabetical order).
 
     Feed it the output as it comes: it returns what is safe to send now and
     holds back a tail that could be the start of a secret split across two
@@ -18,7 +19,9 @@ class SecretMasker:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # Longest first, equal lengths alphabetically: where secrets overlap,
+        # the output is the same in every process (a set's order is not).
+        self._secrets = sorted({s for s in secrets if s}, key=lambda s: (-len(s), s))
         self._keep = max((len(s) for s in self._secrets), default=1) - 1
         self._tail = ""
 
