@@ -316,7 +316,16 @@ class Bench:
             ],
             stdout=subprocess.DEVNULL,
         )
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while True:  # until redis-server accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    redis.kill()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
         engine = ("--engine", f"redis://127.0.0.1:{port}/0")
         nodes = [citron_server(transport, self.db("unused.db"), *engine) for _ in range(2)]
         single = citron_server(transport, self.db(f"cluster-base-{transport}.db"))
