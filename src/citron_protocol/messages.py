@@ -384,8 +384,24 @@ class RunnerInit:
         return Role.RUNNER
 
 
+class _RunnerLogSlots:
+    """The storage of :class:`RunnerLog`, and nothing else.
+
+    RunnerLog adds no slot of its own (attrs reuses these), so an instance of
+    this plain class can become a RunnerLog by ``__class__`` assignment. The
+    codec's hot path fills one with ordinary slot stores and then does that,
+    which costs half of what filling a frozen instance costs; the checks that
+    RunnerLog's validators make are made first (see ``codec.fast_runner_log``).
+    """
+
+    __slots__ = ("__weakref__", "build", "log", "seq")
+    log: str
+    build: str | None
+    seq: int | None
+
+
 @attrs.frozen(kw_only=True)
-class RunnerLog:
+class RunnerLog(_RunnerLogSlots):
     """``RUNNER:process`` with ``finished: false``: a chunk of build output."""
 
     COMMAND: ClassVar[str] = "process"

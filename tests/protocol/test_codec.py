@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import pickle
+import weakref
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -383,3 +387,44 @@ def test_log_frames_take_the_fast_path_both_ways(message: RunnerLog) -> None:
         separators=(",", ":"),
         ensure_ascii=False,
     )
+
+
+@given(st.dictionaries(st.sampled_from(["finished", "log", "build", "seq", "extra"]), _values))
+def test_decoding_a_process_frame_agrees_with_the_general_path(payload: dict[str, Any]) -> None:
+    # decode() inlines the bare chunk ({"finished": false, "log": ...}) and
+    # then tries fast_runner_log: what it returns must be what the general
+    # path builds, whatever the keys and their order.
+    frame = "RUNNER:process:" + json.dumps(payload)
+    try:
+        message = decode(frame)
+    except ProtocolError:
+        return  # the general path raised: the hot path returned nothing
+    if payload.get("finished") is not False:
+        assert type(message) is not RunnerLog
+        return
+    general = _STRUCTURE[RunnerLog]({k: v for k, v in payload.items() if k != "finished"})
+    assert type(message) is RunnerLog
+    assert message == general
+    assert (message.log, message.build, message.seq) == (general.log, general.build, general.seq)
+
+
+@given(cst.BY_CLASS[RunnerLog], st.booleans())
+def test_a_hot_path_runner_log_is_an_ordinary_one(message: RunnerLog, bare: bool) -> None:
+    # The hot path builds RunnerLog through its slots class (see
+    # messages._RunnerLogSlots); the result must behave as any RunnerLog.
+    if bare:
+        message = RunnerLog(log=message.log)
+    made = decode(encode(message))
+    assert type(made) is RunnerLog
+    assert made == message and hash(made) == hash(message)
+    assert pickle.loads(pickle.dumps(made)) == message
+    assert copy.copy(made) == message and copy.deepcopy(made) == message
+    assert attrs.asdict(made) == attrs.asdict(message)
+    assert attrs.evolve(made, log="x") == attrs.evolve(message, log="x")
+    assert weakref.ref(made)() is made
+    assert repr(made) == repr(message)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.log = "changed"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        made.other = 1  # type: ignore[attr-defined]
+    assert not hasattr(made, "__dict__")
