@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,7 @@ import orjson
 from citron_protocol import decode, encode
 
 ROOT = Path(__file__).parents[1]
-#: Runs of each side of a server figure; the best of each counts. The
-#: machine's speed changes within a minute, so the best of five holds better
-#: than the best of three.
+#: Runs of each side of a server figure (see ``Bench.paired``).
 RUNS = 5
 
 FRAME = 'RUNNER:process:{"finished":false,"log":"' + "x" * 79 + '\\n"}'
@@ -121,8 +120,8 @@ def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def rate_of(runs: int, spec: dict[str, Any]) -> float:  # for a baseline alone
-    """The best rate of ``runs`` runs of a relay scenario."""
-    return max(loadgen(spec)["rate"] for _ in range(runs))
+    """The median rate of ``runs`` runs of a relay scenario."""
+    return float(statistics.median(loadgen(spec)["rate"] for _ in range(runs)))
 
 
 class Bench:
@@ -202,20 +201,37 @@ class Bench:
     def interleaved(
         self, mine: Server, theirs: Server, spec: dict[str, Any]
     ) -> tuple[float, float]:
-        """Best rate of each side, runs alternating so that noise hits both."""
-        runs = 1 if self.quick else RUNS
-        best_mine = best_theirs = 0.0
-        for _ in range(runs):
-            for server, is_mine in ((mine, True), (theirs, False)):
-                kind = spec.get("kind_theirs", "raw") if not is_mine else "citron"
+        """citron's rate and the baseline's, from runs in pairs (see ``paired``)."""
+
+        def run(server: Server, kind: str) -> Callable[[], float]:
+            def go() -> float:
                 run = {k: v for k, v in spec.items() if k != "kind_theirs"}
                 run.update(kind=kind, url=f"ws://127.0.0.1:{server.port}/ws")
-                rate = float(loadgen(run)["rate"])
-                if is_mine:
-                    best_mine = max(best_mine, rate)
-                else:
-                    best_theirs = max(best_theirs, rate)
-        return best_mine, best_theirs
+                return float(loadgen(run)["rate"])
+
+            return go
+
+        return self.paired(run(mine, "citron"), run(theirs, spec.get("kind_theirs", "raw")))
+
+    def paired(self, mine: Callable[[], float], theirs: Callable[[], float]) -> tuple[float, float]:
+        """Run both sides back to back, ``RUNS`` times, the order alternating,
+        and return the pair whose ratio is the median of the pairs' ratios.
+
+        One run on this machine can be 40% off in either direction; the two
+        runs of a pair see the same phase of the machine, and the median pair
+        ignores the odd fast or slow run that a best-of-N would pick.
+        """
+        pairs = []
+        for i in range(1 if self.quick else RUNS):
+            if i % 2:
+                theirs_rate = theirs()
+                mine_rate = mine()
+            else:
+                mine_rate = mine()
+                theirs_rate = theirs()
+            pairs.append((mine_rate, theirs_rate))
+        pairs.sort(key=lambda pair: pair[0] / pair[1])
+        return pairs[len(pairs) // 2]
 
     def relay(self, transport: str) -> None:
         sizes = (
@@ -334,25 +350,20 @@ class Bench:
         engine = ("--engine", f"redis://127.0.0.1:{port}/0")
         nodes = [citron_server(transport, self.db("unused.db"), *engine) for _ in range(2)]
         single = citron_server(transport, self.db(f"cluster-base-{transport}.db"))
-        runs = 1 if self.quick else RUNS
-        best_cluster = best_single = 0.0
+        spec = {"scenario": "relay", "kind": "citron", "readers": 10, "lines": lines}
         try:
-            for _ in range(runs):
-                spec = {"scenario": "relay", "kind": "citron", "readers": 10, "lines": lines}
-                best_cluster = max(
-                    best_cluster,
+            in_cluster, single_rate = self.paired(
+                lambda: float(
                     loadgen(
                         {
                             **spec,
                             "url": f"ws://127.0.0.1:{nodes[0].port}/ws",
                             "front_url": f"ws://127.0.0.1:{nodes[1].port}/ws",
                         }
-                    )["rate"],
-                )
-                best_single = max(
-                    best_single,
-                    loadgen({**spec, "url": f"ws://127.0.0.1:{single.port}/ws"})["rate"],
-                )
+                    )["rate"]
+                ),
+                lambda: float(loadgen({**spec, "url": f"ws://127.0.0.1:{single.port}/ws"})["rate"]),
+            )
         finally:
             for server in [*nodes, single]:
                 server.stop()
@@ -361,8 +372,8 @@ class Bench:
         self.row(
             "cluster: 10 fronts on another node, Redis",
             transport,
-            best_cluster,
-            best_single,
+            in_cluster,
+            single_rate,
             ">= 0.5",
             "lines/s per front",
         )
