@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import attrs
 import cattrs
+import msgspec
 import orjson
 from cattrs.errors import BaseValidationError, ClassValidationError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
@@ -372,16 +373,21 @@ def repair_legacy_payload(payload: str) -> str:
 
 
 def _has_surrogate(value: object) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
+    """Whether a parsed value holds a lone surrogate anywhere. Iterative: a
+    payload nested deeper than Python's recursion limit is checked too."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -451,12 +457,51 @@ def fast_runner_log(value: dict[str, Any]) -> RunnerLog | None:
     return _runner_log(log, build, seq)
 
 
+class _Chunk(msgspec.Struct, gc=False):
+    """The shape of a ``process`` payload, as msgspec checks it while parsing.
+
+    Unknown keys are skipped, as the general path ignores them; a key given
+    twice counts with its last value, as in the general path.
+    """
+
+    finished: bool
+    log: str
+    build: str | None = None
+    seq: int | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+#: What the chunk decoder raises for a payload that is not the plain case:
+#: msgspec raises RecursionError past its depth limit, and UnicodeEncodeError
+#: for a text holding a lone surrogate, not DecodeError.
+_NOT_A_CHUNK: Final = (msgspec.DecodeError, RecursionError, UnicodeEncodeError)
+
+
 def _fast_decode_log(payload: str) -> RunnerLog | None:
+    """The RunnerLog of a ``process`` payload, or None when the payload is not
+    the plain, valid case (the general path then decides).
+
+    msgspec parses and type-checks in one pass, without building a dict: a
+    third of the cost of ``orjson.loads`` plus the checks by hand.
+    """
     try:
-        value = _loads_strict(payload)
-    except _JSONDecodeError:
+        chunk = _decode_chunk(payload)
+    except _NOT_A_CHUNK:
         return None
-    return fast_runner_log(value) if type(value) is dict else None
+    if chunk.finished:
+        return None
+    build = chunk.build
+    seq = chunk.seq
+    if build is not None and (not build or "\0" in build):
+        return None
+    if seq is not None and not 1 <= seq <= MAX_INT:
+        return None
+    message = _new(_RunnerLogSlots)
+    message.log = chunk.log
+    message.build = build
+    message.seq = seq
+    message.__class__ = RunnerLog
+    return message  # type: ignore[return-value]
 
 
 def _encode_runner_log(message: RunnerLog) -> str:
@@ -530,6 +575,11 @@ def parse_client(role: Role, command: str, payload: str) -> ClientMessage:
         fast = _fast_decode_log(payload)
         if fast is not None:
             return fast
+    return _parse_general(role, command, payload)
+
+
+def _parse_general(role: Role, command: str, payload: str) -> ClientMessage:
+    """``parse_client`` without the hot path: what the hot path must equal."""
     by_role = CLIENT_COMMANDS.get(command)
     if by_role is None:
         raise UnknownCommand(f"unknown command {command!r}", req=peek_req(payload))
@@ -594,24 +644,9 @@ def decode(text: str) -> Message:
     if not isinstance(text, str):
         raise MalformedFrame("a frame is text")
     if text[:15] == _PROCESS_PREFIX:  # cheaper than startswith on 3.11
-        # The hot path, inlined: the bare log chunk, then any plain one.
-        try:
-            value = _loads_strict(text[15:])
-        except _JSONDecodeError:
-            value = None
-        if type(value) is dict:
-            if len(value) == 2:
-                log = value.get("log")
-                if type(log) is str and value.get("finished") is False:
-                    message = _new(_RunnerLogSlots)
-                    message.log = log
-                    message.build = None
-                    message.seq = None
-                    message.__class__ = RunnerLog
-                    return message  # type: ignore[return-value]
-            fast = fast_runner_log(value)
-            if fast is not None:
-                return fast
+        fast = _fast_decode_log(text[15:])
+        if fast is not None:
+            return fast
     head = text.partition(":")[0]
     if _ROLE_RE.fullmatch(head):
         return decode_client(text)

@@ -391,7 +391,7 @@ class _RunnerLogSlots:
     this plain class can become a RunnerLog by ``__class__`` assignment. The
     codec's hot path fills one with ordinary slot stores and then does that,
     which costs half of what filling a frozen instance costs; the checks that
-    RunnerLog's validators make are made first (see ``codec.fast_runner_log``).
+    RunnerLog's validators make are made first (see ``codec._fast_decode_log``).
     """
 
     __slots__ = ("__weakref__", "build", "log", "seq")

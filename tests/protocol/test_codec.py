@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from citron_protocol import (
     CLIENT_COMMANDS,
+    MAX_INT,
     SERVER_COMMANDS,
     ErrorCode,
     Forbidden,
@@ -342,7 +343,7 @@ def test_role_enum_matches_grammar() -> None:
 # -- the hot path equals the general path ---------------------------------------------
 
 from citron_protocol import fast_runner_log  # noqa: E402
-from citron_protocol.codec import _STRUCTURE  # noqa: E402
+from citron_protocol.codec import _STRUCTURE, _fast_decode_log, _parse_general  # noqa: E402
 
 _values = st.one_of(
     st.none(),
@@ -408,6 +409,107 @@ def test_decoding_a_process_frame_agrees_with_the_general_path(payload: dict[str
     assert (message.log, message.build, message.seq) == (general.log, general.build, general.seq)
 
 
+def _outcome(decode_it: Any) -> tuple[str, Any]:
+    try:
+        message = decode_it()
+    except ProtocolError as exc:
+        return ("error", exc.code)
+    return ("message", (type(message), message, attrs.astuple(message)))
+
+
+_TOKENS = st.sampled_from(
+    [
+        "1e999",
+        "-1e999",
+        "-0",
+        "01",
+        "1.0",
+        "true",
+        "null",
+        "NaN",
+        '"\\ud800"',
+        '"\\u0000"',
+        "\\'",
+        "\n",
+        " ",
+        ",",
+        "}",
+        '"finished":false',
+        '"finished":true',
+        '"log":"x"',
+        '"build":"b"',
+        '"seq":9007199254740993',
+        '"seq":0',
+        "[" * 1100 + "]" * 1100,
+        "\ud800",  # a lone surrogate in the text itself
+        '"\udfff"',
+    ]
+)
+
+
+_NEAR: dict[str, st.SearchStrategy[Any]] = {
+    "finished": st.sampled_from([False, True, 0, None]),
+    "log": st.one_of(cst.texts(max_size=5), _values),
+    "build": st.sampled_from([None, "b", "", "\0", "a\0b", 5, False]),
+    "seq": st.sampled_from([None, 1, 0, -1, MAX_INT, MAX_INT + 1, True, 1.0]),
+}
+
+
+@st.composite
+def _process_payloads(draw: st.DrawFn) -> str:
+    """Payload texts near the hot path's case: each key present or not, with
+    values on either side of what is valid, extra and repeated keys, and
+    tokens spliced in anywhere."""
+    if draw(st.booleans()):  # the plain case, build and seq on either side
+        items = [("finished", False), ("log", draw(cst.texts(max_size=5)))]
+        items += [(k, draw(_NEAR[k])) for k in ("build", "seq") if draw(st.booleans())]
+    else:
+        items = [(k, draw(v)) for k, v in _NEAR.items() if draw(st.integers(0, 3))]
+    items += draw(st.lists(st.tuples(st.sampled_from([*_NEAR, "x"]), _values), max_size=2))
+    items = draw(st.permutations(items))
+    text = "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in items) + "}"
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(_TOKENS) + text[at:]
+    return text
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=500)
+@given(_process_payloads())
+def test_the_hot_path_agrees_with_the_general_path_over_payload_text(payload: str) -> None:
+    # Whatever the hot path (msgspec) returns must be what the general path
+    # (orjson, the legacy repair, cattrs) returns for the same payload.
+    hot = _fast_decode_log(payload)
+    general = _outcome(lambda: _parse_general(Role.RUNNER, "process", payload))
+    if hot is not None:
+        assert general == _outcome(lambda: hot)
+    assert _outcome(lambda: decode("RUNNER:process:" + payload)) == general
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"finished":false,"log":"a","log":"b"}',  # the last value counts
+        '{"finished":false,"log":"a","x":1e999}',  # ignored, as the general path does
+        '{"finished":false,"log":"a","x":' + "[" * 1010 + "]" * 1010 + "}",
+        '{"finished":false,"log":"a","x":' + "[" * 5000 + "]" * 5000 + "}",
+        '{"finished":false,"log":"\\ud800"}',
+        '{"finished":false,"log":"a","seq":9007199254740993}',
+        '{"finished":false,"log":"a","seq":true}',
+        '{"finished":false,"log":"a","build":"a\\u0000b"}',
+        ' {"finished":false,"log":"a"}\n',
+        '{"finished":false,"log":"\ud800"}',
+        '{"finished":false,"log":"a","x":"\udfff"}',
+    ],
+)
+def test_the_hot_path_agrees_with_the_general_path_on_edge_payloads(payload: str) -> None:
+    general = _outcome(lambda: _parse_general(Role.RUNNER, "process", payload))
+    hot = _fast_decode_log(payload)
+    if hot is not None:
+        assert general == _outcome(lambda: hot)
+    assert _outcome(lambda: decode("RUNNER:process:" + payload)) == general
+
+
 @given(cst.BY_CLASS[RunnerLog], st.booleans())
 def test_a_hot_path_runner_log_is_an_ordinary_one(message: RunnerLog, bare: bool) -> None:
     # The hot path builds RunnerLog through its slots class (see
@@ -428,3 +530,18 @@ def test_a_hot_path_runner_log_is_an_ordinary_one(message: RunnerLog, bare: bool
     with pytest.raises(AttributeError):
         made.other = 1  # type: ignore[attr-defined]
     assert not hasattr(made, "__dict__")
+
+
+@pytest.mark.parametrize("depth", [10, 600, 990, 1100, 5000])
+def test_a_legacy_frame_nested_deep_is_decoded_or_refused(depth: int) -> None:
+    # The legacy repair parses with the json module; the check for lone
+    # surrogates after it once recursed two frames per level, so a legacy
+    # frame 600 levels deep raised RecursionError out of decode().
+    frame = 'RUNNER:process:{"finished":false,"log":"it\\\'s","x":' + "[" * depth
+    frame += "]" * depth + "}"
+    try:
+        message = decode(frame)
+    except ProtocolError as exc:
+        assert exc.code == "invalid_payload"
+    else:
+        assert message == RunnerLog(log="it's")
