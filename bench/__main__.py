@@ -32,7 +32,7 @@ from citron_protocol import decode, encode
 
 ROOT = Path(__file__).parents[1]
 #: Runs of each side of a server figure (see ``Bench.paired``).
-RUNS = 5
+RUNS = 9
 
 FRAME = 'RUNNER:process:{"finished":false,"log":"' + "x" * 79 + '\\n"}'
 
