@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-import statistics
 import sys
 import time
 from typing import Any
@@ -164,7 +163,11 @@ async def relay_sio(url: str, readers: int, n: int) -> float:
 # -- idle connections and dispatch latency ------------------------------------------------
 
 
-async def idle(url: str, kind: str, connections: int, samples: int) -> dict[str, Any]:
+async def idle(url: str, kind: str, connections: int) -> dict[str, Any]:
+    """Open ``connections`` idle runners (citron) or connections (the relay),
+    print how many, then answer each line of stdin, a count N, with N latency
+    samples (dispatch for citron, an echo round trip for the relay) until
+    stdin ends."""
     limit = _raise_nofile()
     conns = []
     got_run: asyncio.Queue[float] = asyncio.Queue()
@@ -186,32 +189,33 @@ async def idle(url: str, kind: str, connections: int, samples: int) -> dict[str,
             await ws.send("idle")
         conns.append(ws)
     print(json.dumps({"open": connections, "nofile": limit}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # RSS measured
-    latencies = []
-    if kind == "citron":
-        api = await ws_connect(url)
-        for _ in range(samples):
+    loop = asyncio.get_running_loop()
+    probe = None  # opened after the server's memory is measured
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if probe is None:
+            probe = await ws_connect(url)
+            if kind != "citron":
+                await probe.send("echo")
+        latencies = []
+        for _ in range(int(line)):
             t0 = time.perf_counter()
-            await api.send('API:run:{"repo": "bench", "script": [], "type": "idle-bench"}')
-            t1 = await asyncio.wait_for(got_run.get(), 30)
-            await api.recv()  # queued
+            if kind == "citron":
+                await probe.send('API:run:{"repo": "bench", "script": [], "type": "idle-bench"}')
+                t1 = await asyncio.wait_for(got_run.get(), 30)
+                await probe.recv()  # queued
+            else:
+                await probe.send("ping")
+                await probe.recv()
+                t1 = time.perf_counter()
             latencies.append(t1 - t0)
             await asyncio.sleep(0.005)
-        await api.close()
-    else:
-        echo = await ws_connect(url)
-        await echo.send("echo")
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            await echo.send("ping")
-            await echo.recv()
-            latencies.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.005)
-        await echo.close()
+        print(json.dumps({"latencies": latencies}), flush=True)
+    if probe is not None:
+        await probe.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
-    return {"median": statistics.median(latencies)}
+    return {"closed": connections}
 
 
 # -- replay ------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ async def main(spec: dict[str, Any]) -> Any:
         fn = {"citron": relay_citron, "raw": relay_raw, "sio": relay_sio}[spec["kind"]]
         return {"rate": await fn(spec["url"], spec["readers"], spec["lines"])}
     if scenario == "idle":
-        return await idle(spec["url"], spec["kind"], spec["connections"], spec["samples"])
+        return await idle(spec["url"], spec["kind"], spec["connections"])
     if scenario == "fill":
         return await fill(spec["url"], spec["lines"])
     if scenario == "replay":
