@@ -169,7 +169,7 @@ class Bench:
     # -- figures ---------------------------------------------------------------------
 
     def codec(self) -> None:
-        n, pairs = (10_000, 3) if self.quick else (50_000, 15)
+        n, pairs = (10_000, 1) if self.quick else (50_000, 15)
         message = decode(FRAME)
 
         def base_round_trip() -> None:
@@ -190,27 +190,19 @@ class Bench:
             ("codec round trip (log frame)", citron_round_trip, base_round_trip),
             ("codec decode (log frame)", citron_decode, base_decode),
         ]:
-            # Pairs of timings, back to back, the order alternating; the pair
-            # with the median ratio counts (see ``paired``).
-            timings = []
-            for i in range(pairs):
-                if i % 2:
-                    base_t = timeit.timeit(theirs, number=n)
-                    mine_t = timeit.timeit(mine, number=n)
-                else:
-                    mine_t = timeit.timeit(mine, number=n)
-                    base_t = timeit.timeit(theirs, number=n)
-                timings.append((mine_t, base_t))
-            timings.sort(key=lambda pair: pair[1] / pair[0])
-            mine_t, base_t = timings[len(timings) // 2]
-            self.row(figure, "-", n / mine_t, n / base_t, ">= 0.5", "frames/s")
+            rate, base = self.paired(
+                lambda fn=mine: n / timeit.timeit(fn, number=n),  # type: ignore[misc]
+                lambda fn=theirs: n / timeit.timeit(fn, number=n),  # type: ignore[misc]
+                runs=pairs,
+            )
+            self.row(figure, "-", rate, base, ">= 0.5", "frames/s")
 
     def interleaved(
         self, mine: Server, theirs: Server, spec: dict[str, Any]
     ) -> tuple[float, float]:
         """citron's rate and the baseline's, from runs in pairs (see ``paired``)."""
 
-        def run(server: Server, kind: str) -> Callable[[], float]:
+        def runner(server: Server, kind: str) -> Callable[[], float]:
             def go() -> float:
                 run = {k: v for k, v in spec.items() if k != "kind_theirs"}
                 run.update(kind=kind, url=f"ws://127.0.0.1:{server.port}/ws")
@@ -218,18 +210,21 @@ class Bench:
 
             return go
 
-        return self.paired(run(mine, "citron"), run(theirs, spec.get("kind_theirs", "raw")))
+        return self.paired(runner(mine, "citron"), runner(theirs, spec.get("kind_theirs", "raw")))
 
-    def paired(self, mine: Callable[[], float], theirs: Callable[[], float]) -> tuple[float, float]:
-        """Run both sides back to back, ``RUNS`` times, the order alternating,
-        and return the pair whose ratio is the median of the pairs' ratios.
+    def paired(
+        self, mine: Callable[[], float], theirs: Callable[[], float], runs: int = RUNS
+    ) -> tuple[float, float]:
+        """Measure both rates back to back, ``runs`` times (once in quick
+        mode), the order alternating, and return the pair whose ratio is the
+        median of the pairs' ratios.
 
         One run on this machine can be 40% off in either direction; the two
         runs of a pair see the same phase of the machine, and the median pair
         ignores the odd fast or slow run that a best-of-N would pick.
         """
         pairs = []
-        for i in range(1 if self.quick else RUNS):
+        for i in range(1 if self.quick else runs):
             if i % 2:
                 theirs_rate = theirs()
                 mine_rate = mine()

@@ -14,7 +14,7 @@ import asyncio
 import sys
 from typing import Any
 
-readers: set = set()
+readers: set[Any] = set()
 
 
 async def serve_websockets() -> None:
