@@ -392,9 +392,8 @@ def test_log_frames_take_the_fast_path_both_ways(message: RunnerLog) -> None:
 
 @given(st.dictionaries(st.sampled_from(["finished", "log", "build", "seq", "extra"]), _values))
 def test_decoding_a_process_frame_agrees_with_the_general_path(payload: dict[str, Any]) -> None:
-    # decode() inlines the bare chunk ({"finished": false, "log": ...}) and
-    # then tries fast_runner_log: what it returns must be what the general
-    # path builds, whatever the keys and their order.
+    # decode() tries the hot path (msgspec) first: what it returns must be
+    # what the general path builds, whatever the keys and their order.
     frame = "RUNNER:process:" + json.dumps(payload)
     try:
         message = decode(frame)
