@@ -62,6 +62,7 @@ from citron_protocol import (
 )
 
 from .host import Connection, Host, HostConfig
+from .settings import redacted
 from .store import StoreError
 
 __all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds", "redacted"]
@@ -105,13 +106,6 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-
-
-def redacted(url: str) -> str:
-    """A Redis URL without its credentials, for messages."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, where = rest.rpartition("@")
-    return f"{scheme}{sep}***@{where}" if at and credentials else url
 
 
 def log_key(build: str) -> str:

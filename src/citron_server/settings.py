@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-__all__ = ["ConfigError", "Settings", "parse_settings"]
+__all__ = ["ConfigError", "Settings", "parse_settings", "redacted"]
 
 
 class ConfigError(Exception):
@@ -88,12 +88,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def redacted(url: str) -> str:
+    """A URL without its credentials, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    return f"{scheme}{sep}***@{where}" if at and credentials else url
+
+
 def _engine(text: str) -> str:
     if text == "sqlite":
         return text
     if not text.startswith(("redis://", "rediss://", "unix://")):
         raise argparse.ArgumentTypeError(
-            f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {text!r}"
+            f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {redacted(text)!r}"
         )
     from redis.connection import parse_url
 
@@ -103,7 +110,7 @@ def _engine(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a usable Redis URL: {exc}") from None
     path = text.split("?", 1)[0].split("://", 1)[1].partition("/")[2]
     if not text.startswith("unix://") and path and not path.isdigit():
-        raise argparse.ArgumentTypeError(f"the database in {text!r} must be a number")
+        raise argparse.ArgumentTypeError(f"the database in {redacted(text)!r} must be a number")
     return text
 
 

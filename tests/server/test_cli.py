@@ -140,3 +140,18 @@ async def test_keepalive_closes_a_silent_peer(server_factory: ServerFactory) -> 
     opcodes = [opcode for opcode, _ in frames]
     assert 9 in opcodes  # it was pinged
     assert server.http("/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis://user:hunter2@localhost:6379/xyz", "must be a number"),
+        ("redis://:hunter2@localhost:abc/0", "not a usable Redis URL"),
+        ("mysql://user:hunter2@db/citron", "expected sqlite or a Redis URL"),
+    ],
+)
+def test_a_bad_engine_url_never_shows_its_password(url: str, needle: str, tmp_path: Path) -> None:
+    result = run("--port", "0", "--engine", url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "hunter2" not in result.stderr
