@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -89,10 +90,16 @@ def _seconds(text: str) -> float:
 
 
 def redacted(url: str) -> str:
-    """A URL without its credentials, for messages."""
+    """A URL without its credentials (``user:password@``, ``?password=``),
+    for messages."""
     scheme, sep, rest = url.partition("://")
     credentials, at, where = rest.rpartition("@")
-    return f"{scheme}{sep}***@{where}" if at and credentials else url
+    if at and credentials:
+        url = f"{scheme}{sep}***@{where}"
+    return _PASSWORD_ARG.sub(r"\1***", url)
+
+
+_PASSWORD_ARG = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def _engine(text: str) -> str:

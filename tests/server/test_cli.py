@@ -148,6 +148,7 @@ async def test_keepalive_closes_a_silent_peer(server_factory: ServerFactory) -> 
         ("redis://user:hunter2@localhost:6379/xyz", "must be a number"),
         ("redis://:hunter2@localhost:abc/0", "not a usable Redis URL"),
         ("mysql://user:hunter2@db/citron", "expected sqlite or a Redis URL"),
+        ("redis://localhost:6379/xyz?password=hunter2", "must be a number"),
     ],
 )
 def test_a_bad_engine_url_never_shows_its_password(url: str, needle: str, tmp_path: Path) -> None:
