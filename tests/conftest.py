@@ -57,7 +57,9 @@ class ServerProc:
         self._out = b""
         self.lines = [self._readline(10) for _ in range(4)]
         first = self.lines[0]
-        assert first.startswith("citron-server: listening on ws://"), (first, self.log())
+        assert first.startswith(
+            ("citron-server: listening on ws://", "citron-server: listening on wss://")
+        ), (first, self.log())
         self.url = first.split()[-1]
         self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 

@@ -90,8 +90,10 @@ class Client:
         role: Role = Role.API,
         reconnect: bool = True,
         backoff_cap: float = 30.0,
+        ca: str | None = None,
     ) -> None:
         self.endpoints = Endpoints(url)
+        self.ca = ca
         self.token, self.role = token, role
         self.reconnect = reconnect
         self._proto = ClientProtocol(role)
@@ -109,7 +111,7 @@ class Client:
 
     async def connect(self) -> Client:
         """Open the connection. Raises ConnectError or AuthError at once."""
-        self._ws = await open_any(self.endpoints, self.token)
+        self._ws = await open_any(self.endpoints, self.token, ca=self.ca)
         self._connected.set()
         self._reader = asyncio.create_task(self._read_loop())
         return self
@@ -278,7 +280,7 @@ class Client:
         while not self._closed:
             await self._backoff.sleep()
             try:
-                self._ws = await open_any(self.endpoints, self.token)
+                self._ws = await open_any(self.endpoints, self.token, ca=self.ca)
             except AuthError as exc:
                 self._fatal = exc
                 self._fail_followers(exc)

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo, converter
 
 from .api import Client
-from .connection import AuthError, ConnectError, ConnectionLost, RequestError
+from .connection import AuthError, ConnectError, ConnectionLost, RequestError, TrustError
 from .wire import Wire
 
 __all__ = ["main"]
@@ -63,6 +63,15 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
     return out
 
 
+def _ca_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="PEM file of a CA (or a self-signed certificate) to trust for wss:// URLs,"
+        " besides the system's ($SSL_CERT_FILE)",
+    )
+
+
 def build_parser() -> _Parser:
     parser = _Parser(prog="citron", description="Submit, follow and inspect citron builds.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -78,6 +87,7 @@ def build_parser() -> _Parser:
             "--token", default=os.environ.get("CITRON_TOKEN"), help="token (or CITRON_TOKEN)"
         )
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        _ca_option(p)
         return p
 
     def reader(name: str, help: str) -> _Parser:
@@ -140,6 +150,7 @@ def build_parser() -> _Parser:
     p.add_argument("url", nargs="?", help="the server's WebSocket URL")
     p.add_argument("--token", default=os.environ.get("CITRON_TOKEN"))
     tokens(p)
+    _ca_option(p)
     p.add_argument("--runner", action="store_true", help="check the runner command given after --")
     p.add_argument("--lost-grace", type=float, default=60.0, help="the server's lost grace (s)")
     p.add_argument(
@@ -277,10 +288,10 @@ def _tokens(args: argparse.Namespace) -> dict[Role, str | None]:
     }
 
 
-async def _reachable(url: str, token: str | None) -> None:
+async def _reachable(url: str, token: str | None, ca: str | None) -> None:
     """Fail at once, with one line, when the server cannot be reached at all
     (rather than report every frame or check as failed)."""
-    wire = await Wire.open(url, token)
+    wire = await Wire.open(url, token, ca=ca)
     await wire.close()
 
 
@@ -291,7 +302,7 @@ async def _fuzz(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     roles = list(Role) if args.role == "ALL" else [Role(args.role)]
-    await _reachable(args.url, _tokens(args)[roles[0]])
+    await _reachable(args.url, _tokens(args)[roles[0]], args.ca)
     fuzzer = Fuzzer(
         args.url,
         _tokens(args),
@@ -300,6 +311,7 @@ async def _fuzz(args: argparse.Namespace) -> int:
         seed=seed,
         connections=max(args.connections, 1),
         max_frame=args.max_frame,
+        ca=args.ca,
     )
     if args.replay is not None:
         if len(roles) != 1:
@@ -328,13 +340,14 @@ async def _conformance(args: argparse.Namespace) -> int:
     else:
         if not args.url or args.command_argv:
             raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
-        await _reachable(args.url, _tokens(args)[Role.WEB])
+        await _reachable(args.url, _tokens(args)[Role.WEB], args.ca)
         checker = ServerConformance(
             args.url,
             _tokens(args),
             lost_grace=args.lost_grace,
             cancel_timeout=args.cancel_timeout,
             max_wait=args.max_wait,
+            ca=args.ca,
         )
         results = await checker.run()
         title = f"citron conformance {args.url}"
@@ -359,7 +372,9 @@ async def _run(args: argparse.Namespace) -> int:
     role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
     urls = args.url.split(",")
     reconnect = args.command in ("logs", "submit")
-    async with Client(urls, token=args.token, role=role, reconnect=reconnect) as client:
+    async with Client(
+        urls, token=args.token, role=role, reconnect=reconnect, ca=args.ca
+    ) as client:
         if args.command == "submit":
             build = await client.submit(
                 args.repo,
@@ -456,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _guarded(work: Coroutine[Any, Any, int]) -> int:
     try:
         return await work
-    except UsageError as exc:
+    except (UsageError, TrustError) as exc:
         return _fail(EXIT_USAGE, str(exc))
     except AuthError as exc:
         return _fail(EXIT_NOPERM, str(exc))

@@ -112,9 +112,11 @@ class ServerConformance:
         cancel_timeout: float = 30.0,
         max_wait: float = 20.0,
         timeout: float = 5.0,
+        ca: str | None = None,
     ) -> None:
         self.url = url
         self.tokens = tokens or {}
+        self.ca = ca
         self.lost_grace, self.cancel_timeout = lost_grace, cancel_timeout
         self.max_wait, self.timeout = max_wait, timeout
         self._wires: list[Wire] = []
@@ -156,7 +158,7 @@ class ServerConformance:
             await wire.close()
 
     async def open(self, role: Role) -> Wire:
-        wire = await Wire.open(self.url, self.tokens.get(role))
+        wire = await Wire.open(self.url, self.tokens.get(role), ca=self.ca)
         self._wires.append(wire)
         return wire
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import ssl
 from collections.abc import Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -17,8 +19,10 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "RequestError",
+    "TrustError",
     "open_any",
     "open_connection",
+    "tls_context",
 ]
 
 
@@ -47,6 +51,36 @@ class RequestError(ClientError):
         self.message = message
 
 
+class TrustError(ClientError):
+    """The CA file given to trust (``ca=``, ``--ca``) cannot be used."""
+
+
+@functools.cache
+def tls_context(ca: str | None = None) -> ssl.SSLContext:
+    """The context of a ``wss://`` connection: certificates are verified
+    against the system's store (or ``$SSL_CERT_FILE``, ``$SSL_CERT_DIR``),
+    and also against the PEM file ``ca`` when given (a private CA, or a
+    server's self-signed certificate). Raises :class:`TrustError`."""
+    context = ssl.create_default_context()
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except OSError as exc:  # ssl.SSLError is one
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            raise TrustError(f"cannot use {ca} as a CA certificate: {reason}") from None
+    return context
+
+
+def _tls_failure(url: str, exc: ssl.SSLError) -> ConnectError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or "verification failed"
+        return ConnectError(
+            f"{url}: the server's certificate is not trusted: {why}"
+            " (to trust a private CA or a self-signed certificate: --ca FILE)"
+        )
+    return ConnectError(f"{url}: the TLS handshake failed: {exc.reason or exc}")
+
+
 class Backoff:
     """Exponential backoff with full jitter: 0.1 s doubling up to ``cap``."""
 
@@ -66,15 +100,20 @@ class Backoff:
         await asyncio.sleep(self.next_delay())
 
 
-async def open_connection(url: str, token: str | None) -> ClientConnection:
-    """Open a WebSocket to a citron server, compression off.
+async def open_connection(
+    url: str, token: str | None, *, ca: str | None = None
+) -> ClientConnection:
+    """Open a WebSocket to a citron server, compression off; a ``wss://``
+    URL is verified as :func:`tls_context` says.
 
-    Raises :class:`ConnectError` or :class:`AuthError`.
+    Raises :class:`ConnectError`, :class:`AuthError` or :class:`TrustError`.
     """
     headers: Sequence[tuple[str, str]] = [("Authorization", f"Bearer {token}")] if token else []
+    secure = url.lower().startswith("wss:")
     try:
         return await connect(
             url,
+            ssl=tls_context(ca) if secure else None,
             additional_headers=headers,
             compression=None,
             max_size=None,
@@ -89,6 +128,8 @@ async def open_connection(url: str, token: str | None) -> ClientConnection:
         raise ConnectError(f"{url}: the server answered HTTP {status}") from None
     except InvalidURI as exc:
         raise ConnectError(f"{url}: not a WebSocket URL ({exc})") from None
+    except ssl.SSLError as exc:
+        raise _tls_failure(url, exc) from None
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise ConnectError(f"{url}: cannot connect: {reason}") from None
@@ -115,7 +156,9 @@ class Endpoints:
         return ", ".join(self.urls)
 
 
-async def open_any(endpoints: Endpoints, token: str | None) -> ClientConnection:
+async def open_any(
+    endpoints: Endpoints, token: str | None, *, ca: str | None = None
+) -> ClientConnection:
     """Connect to the first URL that answers, starting with the current one.
 
     Raises :class:`AuthError` at once (the token will not do better
@@ -124,7 +167,7 @@ async def open_any(endpoints: Endpoints, token: str | None) -> ClientConnection:
     last: ConnectError | None = None
     for _ in endpoints.urls:
         try:
-            return await open_connection(endpoints.current, token)
+            return await open_connection(endpoints.current, token, ca=ca)
         except ConnectError as exc:
             last = exc
             endpoints.rotate()

@@ -159,8 +159,9 @@ class Fuzzer:
         max_frame: int = 1024 * 1024,
         timeout: float = 5.0,
         batch: int = 1000,
+        ca: str | None = None,
     ) -> None:
-        self.url, self.tokens = url, tokens or {}
+        self.url, self.tokens, self.ca = url, tokens or {}, ca
         self.roles, self.frames, self.seed = list(roles), frames, seed
         self.connections, self.max_frame = connections, max_frame
         self.timeout, self.batch = timeout, batch
@@ -225,7 +226,7 @@ class Fuzzer:
         case = Case("flood", Role.API, "flood", -1)
         self.report.sent["flood"] += 1
         try:
-            wire = await Wire.open(self.url, self.tokens.get(Role.API))
+            wire = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
         except ClientError as exc:
             self.violation(case, f"cannot connect: {exc}")
             return
@@ -258,9 +259,9 @@ class Fuzzer:
         try:
             async with asyncio.timeout(self.timeout * 4):
                 kind = f"fuzz-health-{secrets.token_hex(4)}"
-                runner = await Wire.open(self.url, self.tokens.get(Role.RUNNER))
-                api = await Wire.open(self.url, self.tokens.get(Role.API))
-                front = await Wire.open(self.url, self.tokens.get(Role.WEB))
+                runner = await Wire.open(self.url, self.tokens.get(Role.RUNNER), ca=self.ca)
+                api = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
+                front = await Wire.open(self.url, self.tokens.get(Role.WEB), ca=self.ca)
                 wires += [runner, api, front]
                 await runner.send(f'RUNNER:init:{{"type": "{kind}"}}')
                 await runner.expect("ready", self.timeout)
@@ -312,7 +313,9 @@ class _Lane:
 
     async def _open(self) -> Wire:
         if self.wire is None or self.wire.closed is not None:
-            self.wire = await Wire.open(self.fuzzer.url, self.fuzzer.tokens.get(self.role))
+            self.wire = await Wire.open(
+                self.fuzzer.url, self.fuzzer.tokens.get(self.role), ca=self.fuzzer.ca
+            )
             # Fix the connection's role with a frame whose answer is known.
             if self.role is Role.RUNNER:  # a runner frame before init: out of order
                 probe, allowed = f"{self.role}:unregister:", {"error:not_registered"}

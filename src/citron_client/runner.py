@@ -108,8 +108,10 @@ class RunnerHost:
         token: str | None = None,
         once: bool = False,
         backoff_cap: float = 30.0,
+        ca: str | None = None,
     ) -> None:
         self.runner, self.token, self.once = runner, token, once
+        self.ca = ca
         self.endpoints = Endpoints(url)
         self.proto = RunnerProtocol(type=runner.type, name=runner.name)
         self.builds_run = 0
@@ -148,7 +150,7 @@ class RunnerHost:
         first = True
         while not self._done:
             try:
-                ws = await open_any(self.endpoints, self.token)
+                ws = await open_any(self.endpoints, self.token, ca=self.ca)
             except ConnectError:
                 if first:
                     raise

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .connection import AuthError, ConnectError
+from .connection import AuthError, ConnectError, TrustError
 from .runner import RunnerHost
 from .simple import SimpleRunner
 
@@ -54,6 +54,12 @@ def build_parser() -> _Parser:
         help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws; several (separate"
         " arguments, or comma-separated as for citron): tried in turn",
     )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="PEM file of a CA (or a self-signed certificate) to trust for wss:// URLs,"
+        " besides the system's ($SSL_CERT_FILE)",
+    )
     parser.add_argument("--type", default="simple", help="runner type (default simple)")
     parser.add_argument("--name", help="a name shown to people")
     parser.add_argument(
@@ -79,7 +85,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for i in range(args.spawn):
         name = args.name if args.spawn == 1 or not args.name else f"{args.name}-{i + 1}"
         runner = SimpleRunner(type=args.type, name=name, workdir=args.workdir, keep=args.keep)
-        hosts.append(RunnerHost(runner, urls, token=args.token, once=args.once))
+        hosts.append(RunnerHost(runner, urls, token=args.token, once=args.once, ca=args.ca))
     interrupts = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -102,6 +108,9 @@ async def _serve(args: argparse.Namespace) -> int:
         if isinstance(result, AuthError):
             print(f"citron-runner: error: {result}", file=sys.stderr)
             return EXIT_NOPERM
+        if isinstance(result, TrustError):
+            print(f"citron-runner: error: {result}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(result, ConnectError):
             print(f"citron-runner: error: {result}", file=sys.stderr)
             return EXIT_UNAVAILABLE

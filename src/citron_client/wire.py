@@ -37,8 +37,8 @@ class Wire:
         self.closed: Closed | None = None
 
     @classmethod
-    async def open(cls, url: str, token: str | None) -> Wire:
-        return cls(await open_connection(url, token))
+    async def open(cls, url: str, token: str | None, *, ca: str | None = None) -> Wire:
+        return cls(await open_connection(url, token, ca=ca))
 
     async def send(self, frame: str | bytes) -> bool:
         """Send; False if the connection is closed."""

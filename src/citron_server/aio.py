@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 import struct
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .host import Auth, Host
+from .host import Host
 from .metrics import CONTENT_TYPE, Metrics, health
+from .security import Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
 
@@ -73,6 +76,14 @@ class _Peer:
 
 _pending: set[asyncio.Future[None]] = set()
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _refused(refusal: Refusal) -> web.Response:
+    return web.Response(
+        status=refusal.status, body=refusal.body, content_type="text/plain", charset="utf-8"
+    )
+
 
 def _text_frame(payload: bytes) -> bytes:
     """An unmasked, final, uncompressed text frame (RFC 6455 section 5.2)."""
@@ -106,13 +117,25 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
 class AiohttpTransport:
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with aiohttp."""
 
-    def __init__(self, host: Host, auth: Auth, metrics: Metrics, settings: Settings) -> None:
-        self.host, self.auth, self.metrics, self.settings = host, auth, metrics, settings
+    def __init__(
+        self,
+        host: Host,
+        gate: Gate,
+        metrics: Metrics,
+        settings: Settings,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
+        self.tls = tls
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     async def start(self) -> int:
-        app = web.Application()
+        # aiohttp's loggers never below INFO: nothing they log at DEBUG is
+        # needed, and headers must not reach the log.
+        logger = logging.getLogger("aiohttp")
+        logger.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+        app = web.Application(middlewares=[self._check_host])
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -120,7 +143,9 @@ class AiohttpTransport:
             app.router.add_get(path, self._static)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        self._site = web.TCPSite(
+            self._runner, self.settings.host, self.settings.port, ssl_context=self.tls
+        )
         await self._site.start()
         return int(self._runner.addresses[0][1])
 
@@ -131,6 +156,13 @@ class AiohttpTransport:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = self.gate.host(request.headers.getall("Host", []))
+        if refused is not None:
+            return _refused(refused)
+        return await handler(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         body = health(self.host)
@@ -144,13 +176,21 @@ class AiohttpTransport:
         return web.Response(body=body, headers={"Content-Type": content_type, **HEADERS})
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        refused = self.gate.metrics(request.headers.getall("Authorization", []))
+        if refused is not None:
+            return _refused(refused)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
-        token = Auth.token_from(request.headers.get("Authorization"), request.query.get("token"))
-        roles = self.auth.roles_for(token)
-        if roles is None:
-            raise web.HTTPUnauthorized(text="unauthorized: a valid token is needed\n")
+        headers = request.headers
+        roles = self.gate.websocket(
+            host=headers.getall("Host", []),
+            origin=headers.getall("Origin", []),
+            authorization=headers.getall("Authorization", []),
+            query_token=request.query.getall("token", []),
+        )
+        if isinstance(roles, Refusal):
+            return _refused(roles)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.ping_interval,
             max_msg_size=self.settings.max_frame,

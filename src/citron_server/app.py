@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Protocol
 
 from citron_protocol import HubConfig, Role
 
-from .host import Auth, Host, HostConfig
+from .host import Host, HostConfig
 from .metrics import Metrics
+from .security import Auth, Gate, server_tls
 from .settings import ConfigError, Settings, parse_settings
 from .store import SqliteStore, Store, StoreError
 
@@ -33,9 +35,14 @@ def _say(line: str) -> None:
     print(f"citron-server: {line}", flush=True)
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(
+    settings: Settings, stop: asyncio.Event, tls: ssl.SSLContext | None = None
+) -> None:
     """Run the server until ``stop`` is set; raises StoreError if the database
-    cannot be used, OSError if the address cannot be bound."""
+    cannot be used, OSError if the address cannot be bound. ``tls``: the
+    context of ``settings.tls_cert`` (made from it if not given)."""
+    if tls is None and settings.tls_cert is not None and settings.tls_key is not None:
+        tls = server_tls(settings.tls_cert, settings.tls_key)
     metrics = Metrics()
     hub_config = HubConfig(
         log_cap=settings.log_cap,
@@ -72,23 +79,31 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             Role.WEB: settings.web_token,
         }
     )
+    gate = Gate(
+        auth,
+        tls=tls is not None,
+        loopback=settings.loopback,
+        allowed_origins=settings.allowed_origin,
+        metrics_token=settings.metrics_token,
+    )
     await host.start()
     transport: Transport
     if settings.transport == "aiohttp":
         from .aio import AiohttpTransport
 
-        transport = AiohttpTransport(host, auth, metrics, settings)
+        transport = AiohttpTransport(host, gate, metrics, settings, tls)
     else:
         from .ws import WebsocketsTransport
 
-        transport = WebsocketsTransport(host, auth, metrics, settings)
+        transport = WebsocketsTransport(host, gate, metrics, settings, tls)
     try:
         port = await transport.start()
     except OSError:
         await store.close()
         raise
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
-    _say(f"listening on ws://{where}:{port}/ws")
+    scheme = "wss" if tls is not None else "ws"
+    _say(f"listening on {scheme}://{where}:{port}/ws")
     _say(f"transport {settings.transport}, compression {settings.compression}")
     if settings.engine == "sqlite":
         db = settings.db if settings.db == ":memory:" else str(Path(settings.db).resolve())
@@ -101,6 +116,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         _say(f"open roles (no token needed): {', '.join(open_roles)}")
     else:
         _say("every role needs a token")
+    if tls is None and not settings.loopback:
+        _say(
+            f"warning: listening on {settings.host} without TLS: tokens, secrets and logs"
+            " cross the network in clear text (use --tls-cert and --tls-key, or a proxy)"
+        )
     await stop.wait()
     log.info("shutting down")
     await transport.stop_accepting()
@@ -111,6 +131,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ)
+        tls = (
+            server_tls(settings.tls_cert, settings.tls_key)
+            if settings.tls_cert is not None and settings.tls_key is not None
+            else None
+        )
     except ConfigError as exc:
         print(f"citron-server: error: {exc}", file=sys.stderr)
         return 2
@@ -126,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await serve(settings, stop)
+            await serve(settings, stop, tls)
         except StoreError as exc:
             print(f"citron-server: error: {exc}", file=sys.stderr)
             return 2

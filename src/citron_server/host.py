@@ -1,7 +1,8 @@
 """The host: runs the sans-IO hub on asyncio, for any transport.
 
 An adapter (websockets or aiohttp) accepts connections, decides their roles
-from the credentials (:class:`Auth`), and tells the host what happened on each
+from the credentials (:class:`~citron_server.security.Gate`), and tells the
+host what happened on each
 (:meth:`Host.open`, :meth:`Host.receive`, :meth:`Host.receive_binary`,
 :meth:`Host.closed`). The host passes it to the hub with the time, and carries
 out what the hub answers: records to the store, frames to each connection's
@@ -13,13 +14,12 @@ The host knows no command: it moves text, bytes and close codes.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Protocol
 
 import attrs
@@ -28,7 +28,7 @@ from citron_protocol import BuildRecord, CloseCode, Effects, Hub, HubConfig, Loa
 
 from .store import Store, StoreError
 
-__all__ = ["Auth", "Connection", "Host", "HostConfig", "Peer", "RandomIds"]
+__all__ = ["Connection", "Host", "HostConfig", "Peer", "RandomIds"]
 
 log = logging.getLogger("citron.server")
 
@@ -60,40 +60,6 @@ class RandomIds:
 
     def new_secret(self) -> str:
         return secrets.token_urlsafe(24)
-
-
-@attrs.frozen
-class Auth:
-    """Which roles a token opens. A role without a token is open to all."""
-
-    tokens: Mapping[Role, str | None]
-
-    @property
-    def open_roles(self) -> frozenset[Role]:
-        return frozenset(r for r in Role if not self.tokens.get(r))
-
-    def roles_for(self, token: str | None) -> frozenset[Role] | None:
-        """The roles a connection presenting ``token`` may use; None: refuse (401)."""
-        if token is None:
-            return self.open_roles or None
-        matched = frozenset(
-            role
-            for role, expected in self.tokens.items()
-            if expected and hmac.compare_digest(expected.encode(), token.encode())
-        )
-        if not matched:
-            return None
-        return matched | self.open_roles
-
-    @staticmethod
-    def token_from(authorization: str | None, query_token: str | None) -> str | None:
-        """The token of ``Authorization: Bearer T`` or of ``?token=T``."""
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                return value.strip()
-            return ""  # present but not a bearer token: matches nothing
-        return query_token
 
 
 @attrs.frozen(kw_only=True)
@@ -325,7 +291,14 @@ class Host:
         """The hub raised: log it with the frame, close that connection with
         1011, keep serving the others."""
         self.internal_errors += 1
-        log.exception("connection %s: internal error on the frame %r", conn.id, text[:200])
+        # The frame's head only: its payload may carry secrets.
+        head = ":".join(text[:64].split(":", 2)[:2])
+        log.exception(
+            "connection %s: internal error on a frame (%r..., %d characters)",
+            conn.id,
+            head,
+            len(text),
+        )
         conn.close(1011, "internal error")
 
     def closed(self, conn: Connection, code: int | None = None) -> None:

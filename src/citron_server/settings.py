@@ -42,6 +42,14 @@ class Settings:
     ping_interval: float = 20.0
     log_level: str = "INFO"
     insecure: bool = False
+    allowed_origin: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_token: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def loopback(self) -> bool:
@@ -121,6 +129,16 @@ def _engine(text: str) -> str:
     return text
 
 
+def _origin(text: str) -> tuple[str, ...]:
+    """One origin, or several comma-separated (as CITRON_ALLOWED_ORIGIN has them)."""
+    from .security import normalize_origin
+
+    try:
+        return tuple(normalize_origin(o) for o in text.split(",") if o.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _token(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("a token must not be empty")
@@ -170,6 +188,22 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--runner-token", {"type": _token, "help": "token for the RUNNER role (none: open)"}),
     ("--api-token", {"type": _token, "help": "token for the API role (none: open)"}),
     ("--web-token", {"type": _token, "help": "token for the WEB role (none: open)"}),
+    (
+        "--metrics-token",
+        {"type": _token, "help": "token that /metrics needs as Authorization: Bearer (none: open)"},
+    ),
+    (
+        "--allowed-origin",
+        {
+            "type": _origin,
+            "action": "append",
+            "metavar": "ORIGIN",
+            "help": "a web origin (https://host:port) whose pages may open WebSockets here,"
+            " besides the server's own (repeat; CITRON_ALLOWED_ORIGIN: comma-separated)",
+        },
+    ),
+    ("--tls-cert", {"metavar": "FILE", "help": "PEM certificate chain: serve wss:// and https://"}),
+    ("--tls-key", {"metavar": "FILE", "help": "PEM private key of --tls-cert"}),
     ("--max-frame", {"type": _positive_int, "help": "largest frame in bytes (default 1 MiB)"}),
     (
         "--max-buffer",
@@ -250,9 +284,13 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 if action.choices is not None and value not in action.choices:
                     choices = ", ".join(map(str, action.choices))
                     raise ConfigError(f"{env_name}: {raw!r} is not one of {choices}")
+        if isinstance(value, list):  # a repeated option (append): one tuple each
+            value = tuple(item for group in value for item in group)
         if value is not None:
             values[name] = value
     settings = Settings(**values)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
     if settings.engine == "sqlite" and settings.log_retention is not None:
         raise ConfigError("--log-retention needs --engine redis://...")
     open_roles = [

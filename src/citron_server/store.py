@@ -19,7 +19,9 @@ import asyncio
 import json
 import logging
 import queue
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -284,6 +286,7 @@ def _connect(path: str) -> sqlite3.Connection:
         parent = Path(path).expanduser().resolve().parent
         if not parent.is_dir():
             raise StoreError(f"no directory {parent}")
+        _create_private(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -293,6 +296,28 @@ def _connect(path: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _create_private(path: str) -> None:
+    """Create the database file 0600 if it does not exist (it holds logs,
+    ``env`` values and session hashes); SQLite gives its ``-wal`` and
+    ``-shm`` files the same mode. An existing file that others may read is
+    left as it is, with a warning."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning(
+                "the database %s is readable by others (mode %o): chmod 600 it and its"
+                " -wal and -shm files",
+                path,
+                mode,
+            )
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from None
+    os.close(fd)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

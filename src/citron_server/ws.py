@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import ssl
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,8 +16,9 @@ from websockets.protocol import State
 
 from citron_protocol import Role
 
-from .host import Auth, Host
+from .host import Host
 from .metrics import CONTENT_TYPE, Metrics, health
+from .security import Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
 
@@ -56,6 +59,10 @@ class _Peer:
         return self.ws.transport.get_write_buffer_size()
 
 
+def _refused(refusal: Refusal) -> Response:
+    return _response(refusal.status, refusal.body, "text/plain; charset=utf-8")
+
+
 def _response(
     status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
 ) -> Response:
@@ -65,11 +72,25 @@ def _response(
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
+def _library_logger() -> logging.Logger:
+    logger = logging.getLogger("citron.server.websockets")
+    logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    return logger
+
+
 class WebsocketsTransport:
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with websockets."""
 
-    def __init__(self, host: Host, auth: Auth, metrics: Metrics, settings: Settings) -> None:
-        self.host, self.auth, self.metrics, self.settings = host, auth, metrics, settings
+    def __init__(
+        self,
+        host: Host,
+        gate: Gate,
+        metrics: Metrics,
+        settings: Settings,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
+        self.tls = tls
         self._roles: dict[ServerConnection, frozenset[Role]] = {}
         self._server: Server | None = None
 
@@ -85,6 +106,11 @@ class WebsocketsTransport:
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_interval,
             server_header="citron",
+            ssl=self.tls,
+            # Its own logger, never below WARNING: at DEBUG websockets logs
+            # every frame and the handshake's headers (secrets, tokens), at
+            # INFO each connection, which the host logs already.
+            logger=_library_logger(),
         )
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -99,24 +125,33 @@ class WebsocketsTransport:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
+        headers = request.headers
+        host = headers.get_all("Host")
+        refused = self.gate.host(host)
+        if refused is not None:
+            return _refused(refused)
         if url.path == "/healthz":
             body = health(self.host)
             status = 200 if body["status"] == "ok" else 503
             return _response(status, json.dumps(body).encode(), "application/json")
         if url.path == "/metrics":
+            refused = self.gate.metrics(headers.get_all("Authorization"))
+            if refused is not None:
+                return _refused(refused)
             return _response(200, self.metrics.render(), CONTENT_TYPE)
         if url.path != "/ws":
-            found = static_file(url.path) if request.headers.get("Upgrade") is None else None
+            found = static_file(url.path) if "Upgrade" not in headers else None
             if found is not None:
                 return _response(200, found[0], found[1], HEADERS)
             return _response(404, b"not found\n", "text/plain; charset=utf-8")
-        query = parse_qs(url.query).get("token", [None])[0]
-        token = Auth.token_from(request.headers.get("Authorization"), query)
-        roles = self.auth.roles_for(token)
-        if roles is None:
-            return _response(
-                401, b"unauthorized: a valid token is needed\n", "text/plain; charset=utf-8"
-            )
+        roles = self.gate.websocket(
+            host=host,
+            origin=headers.get_all("Origin"),
+            authorization=headers.get_all("Authorization"),
+            query_token=parse_qs(url.query, keep_blank_values=True).get("token", []),
+        )
+        if isinstance(roles, Refusal):
+            return _refused(roles)
         self._roles[connection] = roles
         return None
 

@@ -4,9 +4,12 @@ against a real citron-server and citron-runner, for both transports."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import os
 import shutil
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +222,83 @@ async def test_the_builds_list_pages_and_updates_live(server: ServerProc, browse
         await api.cancel(ids[0])
         await page.page.locator(f'#builds tr[data-build="{ids[0]}"] .badge.cancelled').wait_for()
     assert page.errors == []
+
+
+ATTACK = """<!doctype html><title>cat pictures</title><script>
+window.seen = [];
+const ws = new WebSocket("ws://127.0.0.1:PORT/ws");
+ws.onopen = () => {
+  window.seen.push("open");
+  ws.send('API:run:{"repo": "https://x/r.git", "script": ["id > /tmp/pwned"]}');
+};
+ws.onmessage = (e) => { window.seen.push("message " + e.data); document.title = "done"; };
+ws.onerror = () => window.seen.push("error");
+ws.onclose = (e) => { window.seen.push("close " + e.code); document.title = "done"; };
+</script>"""
+
+
+@pytest.fixture
+def other_origin(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A web server on another port of 127.0.0.1: another origin."""
+    site = tmp_path / "site"
+    site.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+
+    class Quiet(http.server.ThreadingHTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass
+
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    httpd = Quiet(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield site, int(httpd.server_address[1])
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_a_page_from_another_origin_cannot_queue_a_build(
+    server: ServerProc, browser: Any, other_origin: tuple[Path, int], spawn: Spawn
+) -> None:
+    from citron_client import Client
+
+    spawn(*runner_argv(server.url, "--name", "victim"), log_name="runner")
+    site, port = other_origin
+    (site / "index.html").write_text(ATTACK.replace("PORT", str(server.port)))
+    attack = await open_page(browser, f"http://127.0.0.1:{port}/")
+    await attack.page.wait_for_function("document.title === 'done'", timeout=10_000)
+    seen = await attack.page.evaluate("window.seen")
+    assert "open" not in seen and not any(s.startswith("message") for s in seen), seen
+    assert "403" in server.log() and f"http://127.0.0.1:{port}" in server.log()
+    # The dashboard, loaded from the server itself, works in the same browser.
+    async with Client(server.url) as api:
+        assert await api.builds() == ()
+        build = await api.submit("https://example.org/r.git", ["make"], type="nobody")
+    page = await open_page(browser, http_base(server) + "#/builds")
+    await page.page.locator('#status[data-state="open"]').wait_for()
+    await page.page.locator(f'#builds tr[data-build="{build}"]').wait_for()
+    assert page.errors == []
+
+
+async def test_a_rebound_host_name_gets_403(server: ServerProc) -> None:
+    # A name the attacker controls, resolved to 127.0.0.1 (DNS rebinding).
+    async with playwright.async_playwright() as p:
+        instance = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[*ARGS, "--host-resolver-rules=MAP rebound.test 127.0.0.1"],
+        )
+        try:
+            page = await instance.new_page()
+            response = await page.goto(f"http://rebound.test:{server.port}/")
+            assert response is not None and response.status == 403
+            api = await page.evaluate(
+                """port => new Promise(done => {
+                    const ws = new WebSocket(`ws://rebound.test:${port}/ws`);
+                    ws.onopen = () => done("open");
+                    ws.onclose = (e) => done("close " + e.code);
+                })""",
+                server.port,
+            )
+            assert api == "close 1006"
+        finally:
+            await instance.close()
