@@ -149,6 +149,11 @@ class AiohttpTransport:
         await self._site.start()
         return int(self._runner.addresses[0][1])
 
+    def addresses(self) -> list[str]:
+        """The addresses the server listens on."""
+        found = self._runner.addresses if self._runner is not None else []
+        return [str(address[0]) for address in found]
+
     async def stop_accepting(self) -> None:
         if self._site is not None:
             await self._site.stop()

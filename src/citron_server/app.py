@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -20,13 +21,14 @@ from .security import Auth, Gate, server_tls
 from .settings import ConfigError, Settings, parse_settings
 from .store import SqliteStore, Store, StoreError
 
-__all__ = ["main", "serve"]
+__all__ = ["all_loopback", "clear_text_warning", "main", "serve"]
 
 log = logging.getLogger("citron.server")
 
 
 class Transport(Protocol):
     async def start(self) -> int: ...
+    def addresses(self) -> list[str]: ...
     async def stop_accepting(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -101,6 +103,9 @@ async def serve(
     except OSError:
         await store.close()
         raise
+    # Whether the Host check applies: by the addresses bound, not the name given.
+    loopback = all_loopback(transport.addresses())
+    gate.loopback = loopback
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "wss" if tls is not None else "ws"
     _say(f"listening on {scheme}://{where}:{port}/ws")
@@ -116,16 +121,34 @@ async def serve(
         _say(f"open roles (no token needed): {', '.join(open_roles)}")
     else:
         _say("every role needs a token")
-    if tls is None and not settings.loopback:
-        _say(
-            f"warning: listening on {settings.host} without TLS: tokens, secrets and logs"
-            " cross the network in clear text (use --tls-cert and --tls-key, or a proxy)"
-        )
+    warning = clear_text_warning(settings.host, loopback, tls is not None)
+    if warning is not None:
+        _say(warning)
     await stop.wait()
     log.info("shutting down")
     await transport.stop_accepting()
     await host.shutdown()
     await transport.close()
+
+
+def all_loopback(addresses: Sequence[str]) -> bool:
+    """Whether every listening address is a loopback one (and there is one)."""
+    try:
+        return bool(addresses) and all(
+            ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses
+        )
+    except ValueError:  # not an IP address: a Unix socket or the like
+        return False
+
+
+def clear_text_warning(host: str, loopback: bool, tls: bool) -> str | None:
+    """The start-up warning of a server reachable from the network without TLS."""
+    if tls or loopback:
+        return None
+    return (
+        f"warning: listening on {host} without TLS: tokens, secrets and logs"
+        " cross the network in clear text (use --tls-cert and --tls-key, or a proxy)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

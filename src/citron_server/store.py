@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import os
+import queue
 import sqlite3
 import stat
 import threading

@@ -114,6 +114,11 @@ class WebsocketsTransport:
         )
         return int(self._server.sockets[0].getsockname()[1])
 
+    def addresses(self) -> list[str]:
+        """The addresses the server listens on."""
+        sockets = self._server.sockets if self._server is not None else []
+        return [str(sock.getsockname()[0]) for sock in sockets]
+
     async def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close(close_connections=False)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 
 from citron_protocol import Role
+from citron_server.app import all_loopback, clear_text_warning
 from citron_server.security import Auth, Gate, Refusal, normalize_origin
 from citron_server.settings import ConfigError, parse_settings
 
@@ -455,3 +456,24 @@ def test_allowed_origins_from_the_environment() -> None:
         parse_settings(["--allowed-origin", "a.example"], {})
     with pytest.raises(ConfigError, match="CITRON_ALLOWED_ORIGIN"):
         parse_settings([], {"CITRON_ALLOWED_ORIGIN": "ftp://a"})
+
+
+def test_which_listeners_are_loopback_and_warned_about() -> None:
+    assert all_loopback(["127.0.0.1"]) and all_loopback(["::1", "127.0.0.5"])
+    assert not all_loopback(["127.0.0.1", "0.0.0.0"]) and not all_loopback(["::"])
+    assert not all_loopback([]) and not all_loopback(["/run/citron.sock"])
+    assert all_loopback(["fe80::1%eth0"]) is False
+    warning = clear_text_warning("0.0.0.0", loopback=False, tls=False)
+    assert warning is not None and "without TLS" in warning and "0.0.0.0" in warning
+    assert clear_text_warning("0.0.0.0", loopback=False, tls=True) is None
+    assert clear_text_warning("localhost", loopback=True, tls=False) is None
+
+
+async def test_a_loopback_name_gets_the_host_check(server_factory: ServerFactory) -> None:
+    # "localhost" is a name, not an address: what was bound decides.
+    server = server_factory("--host", "localhost")
+    answer = await asyncio.to_thread(
+        get, server.port, "/healthz", [("Host", f"evil.example:{server.port}".encode())]
+    )
+    assert status_of(answer) == 403
+    assert "without TLS" not in server.log() and all("warning" not in x for x in server.lines)
