@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from importlib import resources
 
 __all__ = ["HEADERS", "static_file"]
@@ -25,11 +24,18 @@ HEADERS = {
 }
 
 
-@cache
+def _load() -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("citron_server").joinpath("static")
+    return {
+        path: (folder.joinpath(name).read_bytes(), content_type)
+        for path, (name, content_type) in _FILES.items()
+    }
+
+
+#: Read once: a request for any other path finds nothing and keeps nothing.
+_TABLE = _load()
+
+
 def static_file(path: str) -> tuple[bytes, str] | None:
     """The body and content type of a dashboard file, or None."""
-    entry = _FILES.get(path)
-    if entry is None:
-        return None
-    name, content_type = entry
-    return resources.files("citron_server").joinpath("static", name).read_bytes(), content_type
+    return _TABLE.get(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import weakref
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -91,7 +92,11 @@ class WebsocketsTransport:
     ) -> None:
         self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
         self.tls = tls
-        self._roles: dict[ServerConnection, frozenset[Role]] = {}
+        # Weak: a handshake that fails after process_request (no
+        # Sec-WebSocket-Key, say) never reaches the handler to pop its entry.
+        self._roles: weakref.WeakKeyDictionary[ServerConnection, frozenset[Role]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._server: Server | None = None
 
     async def start(self) -> int:
