@@ -34,6 +34,7 @@ class Harness:
         self.inbox: dict[int, list[str]] = defaultdict(list)
         self.closed: dict[int, tuple[int, str]] = {}
         self.held_loads: list[LoadLog] = []
+        self.cancelled: list[int] = []
         self.answer_loads = answer_loads
         self._conns = itertools.count(1)
 
@@ -50,6 +51,7 @@ class Harness:
             self.closed[close.conn] = (close.code, close.reason)
         for close in fx.closes:
             self.apply(self.hub.disconnect(close.conn, self.now))
+        self.cancelled.extend(fx.cancels)
         for load in fx.loads:
             if self.answer_loads:
                 self.answer(load)
@@ -57,7 +59,7 @@ class Harness:
                 self.held_loads.append(load)
 
     def answer(self, load: LoadLog) -> None:
-        chunks = self.store.read_log(load.build, load.after, load.until, load.limit)
+        chunks = self.store.read_log(load.build, load.after, load.until, load.limit, load.max_bytes)
         self.apply(self.hub.log_loaded(load.request, chunks, self.now))
 
     def answer_held(self) -> None:

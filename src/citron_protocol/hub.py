@@ -116,7 +116,8 @@ class HubConfig:
     max_errors: int = 100
     error_window: float = 60.0
     max_build_bytes: int = 256 * 1024
-    replay_page: int = 1000
+    replay_page: int = 1000  # chunks read per page of a replay, at most
+    replay_bytes: int = 256 * 1024  # encoded bytes sent per page of a replay, about
 
 
 class IdSource(Protocol):
@@ -157,15 +158,18 @@ class Close:
 class Effects:
     """What the host must do after a call, in this order: persist ``records``,
     send ``sends`` (``(conn, text)``, in order per connection), close
-    ``closes`` after sending, and answer ``loads``."""
+    ``closes`` after sending, drop the :class:`LoadLog` requests listed in
+    ``cancels`` (no longer wanted: their answer would be ignored) and answer
+    ``loads``."""
 
     sends: list[tuple[ConnId, str]] = attrs.Factory(list)
     closes: list[Close] = attrs.Factory(list)
     records: list[Record] = attrs.Factory(list)
     loads: list[LoadLog] = attrs.Factory(list)
+    cancels: list[int] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
-        return bool(self.sends or self.closes or self.records or self.loads)
+        return bool(self.sends or self.closes or self.records or self.loads or self.cancels)
 
 
 @attrs.define
@@ -213,6 +217,7 @@ class _Sub:
     after: int  # the last seq sent (or skipped by ``from``)
     until: int = 0  # while replaying: the last seq that comes from the store
     pending: list[tuple[int, str]] | None = None  # while replaying: live frames held back
+    request: int | None = None  # while replaying: the page asked of the host
 
 
 @attrs.define(eq=False)
@@ -465,9 +470,8 @@ class Hub:
         self._feed.pop(conn, None)
         for sub in c.subs.values():
             sub.build.subs.pop(c.id, None)
+            self._drop_page(sub)
         c.subs.clear()
-        for request in [r for r, sub in self._loads.items() if sub.conn is c]:
-            del self._loads[request]
         if c.runner is not None:
             self._runner_leaves(c.runner, unregistered=False)
         return self._flush()
@@ -501,10 +505,16 @@ class Hub:
         sub = self._loads.pop(request, None)
         if sub is None or sub.pending is None or sub.conn.subs.get(sub.build.id) is not sub:
             return self._flush()  # unsubscribed or disconnected meanwhile
+        sub.request = None
         conn = sub.conn.id
+        sent = 0
         for seq, text in chunks:
             if sub.after < seq <= sub.until:
-                self._send_raw(conn, "log", encode_log_chunk(sub.build.id, seq, text))
+                if sent >= self.config.replay_bytes:
+                    break  # the page is full: the rest comes with the next one
+                frame = encode_log_chunk(sub.build.id, seq, text)
+                self._send_raw(conn, "log", frame)
+                sent += len(frame) if frame.isascii() else len(frame.encode())
                 sub.after = seq
         if chunks and sub.after < sub.until:
             self._request_page(sub)
@@ -1064,6 +1074,9 @@ class Hub:
             self._send(c.id, Subscribed(build=build.id, from_=msg.from_, req=msg.req))
             return
         sub = _Sub(conn=c, build=build, after=msg.from_)
+        replaced = c.subs.get(build.id)
+        if replaced is not None:
+            self._drop_page(replaced)
         c.subs[build.id] = sub
         build.subs[c.id] = sub
         self._send(c.id, Subscribed(build=build.id, from_=msg.from_, req=msg.req))
@@ -1077,6 +1090,7 @@ class Hub:
     def _request_page(self, sub: _Sub) -> None:
         request = next(self._requests)
         self._loads[request] = sub
+        sub.request = request
         self._fx.loads.append(
             LoadLog(
                 request=request,
@@ -1085,8 +1099,16 @@ class Hub:
                 after=sub.after,
                 until=sub.until,
                 limit=self.config.replay_page,
+                max_bytes=self.config.replay_bytes,
             )
         )
+
+    def _drop_page(self, sub: _Sub) -> None:
+        """``sub`` goes away: the page asked for it is no longer wanted."""
+        if sub.request is not None:
+            self._loads.pop(sub.request, None)
+            self._fx.cancels.append(sub.request)
+            sub.request = None
 
     def _on_unsubscribe(self, c: _Conn, msg: Unsubscribe) -> None:
         if msg.build is None:
@@ -1098,6 +1120,7 @@ class Hub:
         last = 0
         if sub is not None:
             sub.build.subs.pop(c.id, None)
+            self._drop_page(sub)
             last = sub.after
         elif msg.build not in self._builds:
             raise _Refusal(ErrorCode.UNKNOWN_BUILD, f"no build {msg.build!r}")

@@ -83,11 +83,16 @@ Record = BuildRecord | LogRecord
 @attrs.frozen(kw_only=True)
 class LoadLog:
     """A request to read a build's stored chunks ``after < seq <= until``,
-    ascending, at most ``limit`` of them, for the subscription on ``conn``.
+    ascending, at most ``limit`` of them and no more than about
+    ``max_bytes`` of text (at least one chunk), for the subscription on
+    ``conn``.
 
-    Answer with ``hub.log_loaded(request, chunks)``. A host may delay the
-    answer until ``conn`` has drained its outgoing buffer: this is how a long
-    replay is paced to the reader.
+    Answer with ``hub.log_loaded(request, chunks)``. A host reads a page
+    only once ``conn`` has drained its outgoing buffer: this is how a long
+    replay is paced to the reader. The hub asks for one page at a time per
+    subscription; when the subscription goes away (unsubscribed, replaced,
+    disconnected) the request is listed in :attr:`Effects.cancels`, and
+    the host may drop it.
     """
 
     request: int
@@ -96,6 +101,7 @@ class LoadLog:
     after: int
     until: int
     limit: int
+    max_bytes: int = 256 * 1024
 
 
 @attrs.define
@@ -131,8 +137,26 @@ class MemoryStore:
             )
         return out
 
-    def read_log(self, build: str, after: int, until: int, limit: int) -> Sequence[tuple[int, str]]:
-        """The chunks ``after < seq <= until`` of ``build``, at most ``limit``."""
+    def read_log(
+        self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
+    ) -> Sequence[tuple[int, str]]:
+        """The chunks ``after < seq <= until`` of ``build``, at most ``limit``,
+        and (when given) no more than ``max_bytes`` of text but at least one."""
         chunks = self.logs.get(build, [])
         # seq n is at index n - 1: chunks are appended in order from 1
-        return [(c.seq, c.log) for c in chunks[after : min(until, after + limit)]]
+        page = [(c.seq, c.log) for c in chunks[after : min(until, after + limit)]]
+        return page if max_bytes is None else page_of(page, max_bytes)
+
+
+def page_of(chunks: Iterable[tuple[int, str]], max_bytes: int) -> list[tuple[int, str]]:
+    """The first chunks whose text adds up to at most ``max_bytes`` (UTF-8),
+    and at least one: how a store bounds a replay page."""
+    out: list[tuple[int, str]] = []
+    total = 0
+    for seq, text in chunks:
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        if out and total + size > max_bytes:
+            break
+        out.append((seq, text))
+        total += size
+    return out

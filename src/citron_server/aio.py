@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from aiohttp.base_protocol import BaseProtocol
 
-from .host import Host
+from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
 from .security import Gate, Refusal
 from .settings import Settings
@@ -21,9 +22,15 @@ __all__ = ["AiohttpTransport"]
 
 
 class _Peer:
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        protocol: BaseProtocol | None = None,
+    ) -> None:
         self.ws = ws
         self.transport = transport
+        self.protocol = protocol
 
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
@@ -72,6 +79,21 @@ class _Peer:
         if transport is None or transport.is_closing():
             return 0
         return transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        # The connection's protocol gets the transport's pause and resume;
+        # aiohttp's own writers wait on it the same way (there is no public
+        # drain on a WebSocketResponse).
+        protocol = self.protocol
+        if protocol is not None and protocol.writing_paused:
+            await protocol._drain_helper()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def unsent(self) -> int:
+        return unsent_bytes(self.transport)
 
 
 _pending: set[asyncio.Future[None]] = set()
@@ -202,7 +224,7 @@ class AiohttpTransport:
             compress=self.settings.compression == "deflate",
         )
         await ws.prepare(request)
-        conn = self.host.open(_Peer(ws, request.transport), roles)
+        conn = self.host.open(_Peer(ws, request.transport, request.protocol), roles)
         try:
             async for message in ws:
                 if message.type is WSMsgType.TEXT:

@@ -52,7 +52,7 @@ async def serve(
         retry_lost=settings.retry_lost,
         cancel_timeout=settings.cancel_timeout,
     )
-    host_config = HostConfig(max_buffer=settings.max_buffer)
+    host_config = HostConfig(max_buffer=settings.max_buffer, send_timeout=settings.send_timeout)
     store: Store
     host: Host
     if settings.engine == "sqlite":

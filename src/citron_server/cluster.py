@@ -226,20 +226,36 @@ class RedisStore:
         self._wake.set()
 
     async def read_log(
-        self, build: str, after: int, until: int, limit: int
+        self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
     ) -> Sequence[tuple[int, str]]:
-        """Chunks ``after < seq <= until``; waits for this node's own earlier writes."""
+        """Chunks ``after < seq <= until``; waits for this node's own earlier
+        writes. With ``max_bytes``, reads a few entries at a time and stops
+        once the page is full."""
         target = self._queued
         while self._written < target:
             self._progress.clear()
             await self._progress.wait()
-        try:
-            entries: Any = await self.redis.xrange(
-                log_key(build), min=f"(0-{after}", max=f"0-{until}", count=limit
-            )
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis: {exc}") from None
-        return [(int(entry_id.partition("-")[2]), fields["l"]) for entry_id, fields in entries]
+        step = limit if max_bytes is None else min(limit, 16)
+        out: list[tuple[int, str]] = []
+        total = 0
+        while len(out) < limit:
+            try:
+                entries: Any = await self.redis.xrange(
+                    log_key(build), min=f"(0-{after}", max=f"0-{until}", count=step
+                )
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"Redis: {exc}") from None
+            for entry_id, fields in entries:
+                text = fields["l"]
+                if max_bytes is not None:
+                    total += len(text.encode("utf-8", "surrogatepass"))
+                    if out and total > max_bytes:
+                        return out
+                out.append((int(entry_id.partition("-")[2]), text))
+            if max_bytes is None or len(entries) < step:
+                break
+            after = out[-1][0]
+        return out[:limit]
 
     async def close(self) -> None:
         self._closing = True
@@ -377,7 +393,7 @@ class ClusterHost(Host):
         deadline = time.monotonic() + 3
         while (self._held or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for task in [*self._background, *self._tasks]:
+        for task in [*self._background, *self._tasks, *self._loading.values()]:
             task.cancel()
         if self._timer is not None:
             self._timer.cancel()

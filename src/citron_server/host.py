@@ -14,9 +14,13 @@ The host knows no command: it moves text, bytes and close codes.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import functools
 import itertools
 import logging
 import secrets
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -51,6 +55,40 @@ class Peer(Protocol):
         """Bytes waiting in the transport's write buffer."""
         ...
 
+    async def drain(self) -> None:
+        """Return once the transport takes more data: at once unless its
+        flow control paused writing, else when it resumes (an event of the
+        transport, not a poll). May raise if the connection is lost."""
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, whatever is still buffered."""
+
+    def unsent(self) -> int:
+        """Bytes written that the peer has not taken yet: the transport's
+        buffer and the kernel's send queue (see :func:`unsent_bytes`)."""
+        ...
+
+
+def unsent_bytes(transport: asyncio.BaseTransport | None) -> int:
+    """The transport's write buffer plus, on Linux, the bytes in its
+    socket's send queue that the peer has not acknowledged (``SIOCOUTQ``).
+    A peer that stops reading leaves up to megabytes in the kernel, where
+    the transport's buffer alone does not show them."""
+    if transport is None or transport.is_closing():
+        return 0
+    size = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        try:
+            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+            size += int.from_bytes(queued, sys.byteorder, signed=True)
+        except OSError:
+            pass
+    return int(size)
+
+
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+
 
 class RandomIds:
     """Ids and secrets for a real server: random, never reused."""
@@ -67,7 +105,14 @@ class HostConfig:
     """I/O policy."""
 
     max_buffer: int = 1024 * 1024  # outgoing bytes per connection before 4008
+    send_timeout: float = 10.0  # seconds outgoing data may stand still before 4008
+    abort_after: float = 1.5  # seconds from a 4008 to dropping the TCP connection
     tick: float = 0.5  # how often the hub hears the time, at most
+
+
+def _size(text: str) -> int:
+    """The UTF-8 size of a frame's text."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 @attrs.define(eq=False)
@@ -91,6 +136,9 @@ class Connection:
     gone: bool = False
     wake: asyncio.Event = attrs.Factory(asyncio.Event)
     writer: asyncio.Task[None] | None = None
+    written: int = 0  # bytes handed to the transport, ever
+    moved: int = 0  # of those, bytes the transport had passed on at the last check
+    stalled_since: float = 0.0  # when ``moved`` last grew (monotonic clock)
 
     def pending(self) -> int:
         """Bytes not yet on the wire: the outbox and the transport's buffer."""
@@ -102,9 +150,9 @@ class Connection:
         if not self.batch:
             self.host.dirty(self)
         self.batch.append(text)
-        self.batched += len(text)
+        self.batched += _size(text)
         if self.batched > self.host.config.max_buffer:  # the transport's part: at flush
-            self._slow()
+            self._slow("over the buffer limit")
 
     def flush(self) -> None:
         """Write what this turn of the loop pushed."""
@@ -112,19 +160,27 @@ class Connection:
         if not batch or self.gone:
             return
         if not self.queue and self.peer.write_batch(batch):
+            self.written += sum(map(_size, batch))
             if self.peer.buffered() > self.host.config.max_buffer:
-                self._slow()
+                self._slow("over the buffer limit")
+            else:
+                self.host.backlogged(self)  # watched until the peer took it all
             return
         self.queue.extend(batch)
-        self.queued += sum(map(len, batch))
+        self.queued += sum(map(_size, batch))
+        self.host.backlogged(self)
         self._wake_writer()
 
-    def _slow(self) -> None:
-        """The outbox overflowed: drop it and close with 4008."""
+    def _slow(self, why: str) -> None:
+        """The peer does not keep up: drop the outbox, close with 4008, and
+        drop the TCP connection ``abort_after`` seconds later whatever the
+        peer does (a close handshake would wait on the very reader that
+        does not read)."""
         self.host.slow_consumers += 1
         log.warning(
-            "connection %s: slow consumer (%d bytes waiting, %d in the transport), closing",
+            "connection %s: slow consumer, %s (%d bytes waiting, %d in the transport), closing",
             self.id,
+            why,
             self.batched + self.queued,
             self.peer.buffered(),
         )
@@ -132,6 +188,30 @@ class Connection:
         self.queue.clear()
         self.queued = 0
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+        asyncio.get_running_loop().call_later(self.host.config.abort_after, self.abort)
+
+    def abort(self) -> None:
+        """Drop the TCP connection, unless it is gone already."""
+        if not self.gone:
+            log.info("connection %s: aborted", self.id)
+            self.peer.abort()
+
+    def check_stall(self, now: float) -> bool:
+        """Judge a connection with data waiting at ``now`` (monotonic): slow
+        if nothing left its buffer for ``send_timeout`` seconds. False once
+        there is nothing left to watch."""
+        if self.gone or self.closing is not None:
+            return False
+        unsent = self.peer.unsent()
+        if unsent == 0 and not self.queue:
+            return False
+        moved = self.written - unsent
+        if moved > self.moved or self.stalled_since == 0.0:  # 0: the first look
+            self.moved, self.stalled_since = moved, now
+        elif now - self.stalled_since >= self.host.config.send_timeout:
+            self._slow(f"nothing sent for {self.host.config.send_timeout:g} s")
+            return False
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Close after what is pushed has been sent."""
@@ -151,7 +231,9 @@ class Connection:
             while True:
                 while self.queue:
                     text = self.queue.popleft()
-                    self.queued -= len(text)
+                    size = _size(text)
+                    self.queued -= size
+                    self.written += size
                     await self.peer.send(text)
                 if self.closing is not None:
                     await self.peer.close(*self.closing)
@@ -185,6 +267,8 @@ class Host:
         self._ids = itertools.count(1)
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loading: dict[int, asyncio.Task[None]] = {}  # replay pages, by request
+        self._backlogged: set[Connection] = set()  # connections with data waiting
 
     @staticmethod
     def now() -> float:
@@ -206,7 +290,7 @@ class Host:
         await self.close_connections()
         if self._timer is not None:
             self._timer.cancel()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._loading.values()]:
             task.cancel()
         await self.store.close()
 
@@ -229,10 +313,24 @@ class Host:
             delay = self.config.tick if deadline is None else min(self.config.tick, deadline - now)
             await asyncio.sleep(max(delay, 0.01))
             try:
+                self._check_backlogs()
                 self._deadline_reached()
             except Exception:  # the timers must keep running
                 self.internal_errors += 1
                 log.exception("internal error while advancing the hub's timers")
+
+    def backlogged(self, conn: Connection) -> None:
+        """``conn`` wrote: watch that the peer takes it (``send_timeout``);
+        the first look is at the next tick."""
+        if conn not in self._backlogged:
+            conn.stalled_since = 0.0
+            self._backlogged.add(conn)
+
+    def _check_backlogs(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._backlogged):
+            if not conn.check_stall(now):
+                self._backlogged.discard(conn)
 
     def _deadline_reached(self) -> None:
         """The clock may have reached the hub's next deadline."""
@@ -314,6 +412,7 @@ class Host:
         if conn.writer is not None and conn.closing is None:
             conn.writer.cancel()
         self.connections.pop(conn.id, None)
+        self._backlogged.discard(conn)
         log.info("connection %s closed (role %s, code %s)", conn.id, role or "-", code)
         self._hub_disconnect(conn)
 
@@ -341,24 +440,36 @@ class Host:
             if conn is not None:
                 log.info("connection %s: closing (%d %s)", conn.id, close.code, close.reason)
                 conn.close(close.code, close.reason)
+        for request in fx.cancels:
+            task = self._loading.pop(request, None)
+            if task is not None:
+                task.cancel()
         for load in fx.loads:
             task = asyncio.create_task(self._load(load))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._loading[load.request] = task
+            task.add_done_callback(functools.partial(self._loaded, load.request))
+
+    def _loaded(self, request: int, task: asyncio.Task[None]) -> None:
+        if self._loading.get(request) is task:
+            del self._loading[request]
 
     async def _load(self, load: LoadLog) -> None:
+        """Read one page of a replay once its connection drained, and hand it
+        to the hub (which asks for the next page, if any)."""
         conn = self.connections.get(load.conn)  # type: ignore[call-overload]
-        low_water = self.config.max_buffer // 4
-        while conn is not None and not conn.gone and conn.pending() > low_water:
-            await asyncio.sleep(0.005)  # pace the replay to the reader
-        if conn is None or conn.gone:
-            chunks: list[tuple[int, str]] = []
-        else:
+        chunks: list[tuple[int, str]] = []
+        if conn is not None and not conn.gone:
+            try:
+                await conn.peer.drain()  # pace the replay to the reader
+            except Exception:  # noqa: BLE001 - the connection is going: the reader reports it
+                conn = None
+        if conn is not None and not conn.gone:
             try:
                 chunks = list(
-                    await self.store.read_log(load.build, load.after, load.until, load.limit)
+                    await self.store.read_log(
+                        load.build, load.after, load.until, load.limit, load.max_bytes
+                    )
                 )
             except StoreError as exc:
                 log.error("reading the log of %s failed: %s", load.build, exc)
-                chunks = []
         self.apply(self.hub.log_loaded(load.request, chunks, self.now()))

@@ -34,6 +34,7 @@ class Settings:
     web_token: str | None = None
     max_frame: int = 1024 * 1024
     max_buffer: int = 1024 * 1024
+    send_timeout: float = 10.0
     log_cap: int = 64 * 1024 * 1024
     lost_grace: float = 60.0
     retry_lost: int = 1
@@ -211,6 +212,14 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "type": _positive_int,
             "help": "outgoing bytes a connection may have waiting before it is closed"
             " as a slow consumer (default 1 MiB)",
+        },
+    ),
+    (
+        "--send-timeout",
+        {
+            "type": _seconds,
+            "help": "seconds a connection's outgoing data may stand still before it is"
+            " closed as a slow consumer (default 10)",
         },
     ),
     ("--log-cap", {"type": _positive_int, "help": "log bytes stored per build (default 64 MiB)"}),

@@ -32,6 +32,7 @@ import attrs
 import cattrs
 
 from citron_protocol import BuildRecord, LogRecord, Record
+from citron_protocol.records import page_of
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError"]
 
@@ -63,9 +64,11 @@ class Store(Protocol):
         """Persist records, in order; returns at once."""
 
     async def read_log(
-        self, build: str, after: int, until: int, limit: int
+        self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
     ) -> Sequence[tuple[int, str]]:
-        """Chunks ``after < seq <= until`` of ``build``, ascending, at most ``limit``."""
+        """Chunks ``after < seq <= until`` of ``build``, ascending, at most
+        ``limit``; with ``max_bytes``, no more text than that but at least one
+        chunk (:func:`citron_protocol.records.page_of`)."""
         ...
 
     async def close(self) -> None:
@@ -172,7 +175,7 @@ class SqliteStore:
         return await self._call(_load_builds)  # type: ignore[no-any-return]
 
     async def read_log(
-        self, build: str, after: int, until: int, limit: int
+        self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
     ) -> Sequence[tuple[int, str]]:
         def read(db: sqlite3.Connection) -> list[tuple[int, str]]:
             rows = db.execute(
@@ -180,7 +183,9 @@ class SqliteStore:
                 " ORDER BY seq LIMIT ?",
                 (build, after, until, limit),
             )
-            return [(int(seq), str(text)) for seq, text in rows]
+            # The cursor steps row by row: a page reads only what it keeps.
+            chunks = ((int(seq), str(text)) for seq, text in rows)
+            return list(chunks) if max_bytes is None else page_of(chunks, max_bytes)
 
         return await self._call(read)  # type: ignore[no-any-return]
 

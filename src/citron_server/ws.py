@@ -17,7 +17,7 @@ from websockets.protocol import State
 
 from citron_protocol import Role
 
-from .host import Host
+from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
 from .security import Gate, Refusal
 from .settings import Settings
@@ -58,6 +58,16 @@ class _Peer:
 
     def buffered(self) -> int:
         return self.ws.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        # websockets' flow control: waits while the transport is paused.
+        await self.ws.drain()
+
+    def abort(self) -> None:
+        self.ws.transport.abort()
+
+    def unsent(self) -> int:
+        return unsent_bytes(self.ws.transport)
 
 
 def _refused(refusal: Refusal) -> Response:

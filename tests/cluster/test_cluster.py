@@ -18,6 +18,7 @@ from ..client import test_e2e as client_e2e
 from ..client import test_tools as client_tools
 from ..peers import ask, expect, follow, peer, recv, runner, submit
 from ..procs import Spawn, citron, eventually, run_module, runner_argv
+from ..server import test_bounds as bounds
 from ..server import test_e2e as server_e2e
 from .conftest import Cluster, ClusterFactory, RedisServer
 
@@ -441,3 +442,25 @@ def test_conformance_passes_on_a_cluster_node(cluster_factory: ClusterFactory) -
 
 def test_fuzz_passes_on_a_cluster_node(cluster_factory: ClusterFactory) -> None:
     client_tools.test_fuzz_passes_on_citron_server(lambda *args: cluster_factory(*args).nodes[2])
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 2 * 1024], ids=["64KiB", "2KiB"])
+async def test_an_8_mib_log_replays_whole_on_redis_after_a_restart(
+    cluster_factory: ClusterFactory, size: int
+) -> None:
+    cluster = cluster_factory(nodes=2)
+    writer, reader = cluster.nodes
+    build, chunks = await bounds.write_log(writer.url, size, 8 * 1024 * 1024)
+    for node in cluster.nodes:
+        assert await asyncio.to_thread(node.terminate) == 0
+    for node in cluster.nodes:
+        await asyncio.to_thread(node.restart)
+    web = await peer(reader.url)
+    await web.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    assert (await recv(web)).COMMAND == "subscribed"
+    got = await follow(web, build, timeout=60)
+    assert [seq for seq, _ in got] == list(range(1, len(chunks) + 1))
+    assert [text for _, text in got] == chunks
+    result = await asyncio.to_thread(citron, "logs", reader.url, build, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(chunks)

@@ -1014,3 +1014,71 @@ def test_an_id_that_collides_is_drawn_again() -> None:
     first, second = h.submit(api), h.submit(api)
     assert first != second
     assert {b.id for b in h.send(api, 'API:get_builds:{"limit": 5}')[0].builds} == {first, second}
+
+
+def test_replay_pages_are_bounded_in_bytes() -> None:
+    h = Harness(HubConfig(replay_bytes=1000), answer_loads=False)
+    r, build, _, _api = _running(h)
+    texts = [f"{i}" + "x" * 399 for i in range(1, 11)]  # 10 chunks of 400 bytes
+    for text in texts:
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "{text}"}}')
+    web = h.connect([Role.WEB])
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    pages = []
+    while h.held_loads:
+        load = h.held_loads.pop(0)
+        assert load.max_bytes == 1000
+        h.answer(load)
+        pages.append(_logs(h.recv(web)))
+    assert [len(page) for page in pages] == [2, 2, 2, 2, 2]  # 2 x 400 <= 1000 < 3 x 400
+    assert [text for page in pages for _, text in page] == texts
+    for page in pages:
+        assert sum(len(encode_back_log(build, seq, text)) for seq, text in page) < 1000 + 500
+
+
+def encode_back_log(build: str, seq: int, text: str) -> str:
+    from citron_protocol import encode_log_chunk
+
+    return encode_log_chunk(build, seq, text)
+
+
+def test_a_page_the_store_made_too_big_is_cut_by_the_hub() -> None:
+    h = Harness(HubConfig(replay_bytes=1000), answer_loads=False)
+    r, build, _, _api = _running(h)
+    for i in range(1, 11):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "{i:03d}' + "x" * 397 + '"}')
+    web = h.connect([Role.WEB])
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    (load,) = h.held_loads
+    h.held_loads.clear()
+    everything = h.store.read_log(build, load.after, load.until, load.limit)  # no byte bound
+    h.apply(h.hub.log_loaded(load.request, everything, h.now))
+    assert [seq for seq, _ in _logs(h.recv(web))] == [1, 2, 3]  # the page is full at 1000
+    h.answer_held()
+    assert [seq for seq, _ in _logs(h.recv(web))] == list(range(4, 11))
+
+
+def test_a_new_subscribe_or_an_unsubscribe_drops_the_replay_in_flight() -> None:
+    h = Harness(answer_loads=False)
+    r, build, _, _api = _running(h)
+    for i in range(1, 4):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}')
+    web = h.connect([Role.WEB])
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    first = h.held_loads[-1]
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 1}}')
+    second = h.held_loads[-1]
+    assert h.cancelled == [first.request]
+    h.answer(first)  # answered anyway: ignored
+    assert _logs(h.recv(web)) == []
+    h.answer(second)
+    assert _logs(h.recv(web)) == [(2, "l2"), (3, "l3")]
+    h.held_loads.clear()
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    third = h.held_loads[-1]
+    h.send(web, f'WEB:unsubscribe:{{"build": "{build}"}}')
+    assert h.cancelled == [first.request, third.request]
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    fourth = h.held_loads[-1]
+    h.disconnect(web)
+    assert h.cancelled == [first.request, third.request, fourth.request]

@@ -40,6 +40,15 @@ async def test_a_hub_bug_closes_only_its_connection() -> None:
         def buffered(self) -> int:
             return 0
 
+        async def drain(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            self.closed = (1006, "aborted")
+
+        def unsent(self) -> int:
+            return 0
+
     host = Host(SqliteStore(":memory:"))
     await host.start()
     broken, fine = Peer(), Peer()
