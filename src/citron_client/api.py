@@ -112,6 +112,7 @@ class Client:
     async def connect(self) -> Client:
         """Open the connection. Raises ConnectError or AuthError at once."""
         self._ws = await open_any(self.endpoints, self.token, ca=self.ca)
+        self._backoff.opened()
         self._connected.set()
         self._reader = asyncio.create_task(self._read_loop())
         return self
@@ -262,6 +263,7 @@ class Client:
             except ConnectionClosed:
                 pass
             code = ws.close_code
+            self._backoff.closed()
             self._connected.clear()
             self._fail_pending(ConnectionLost(f"the connection closed (code {code})"))
             if self._closed:
@@ -288,7 +290,7 @@ class Client:
             except ClientError as exc:
                 log.info("reconnecting to %s: %s", self.endpoints, exc)
                 continue
-            self._backoff.reset()
+            self._backoff.opened()
             self._proto = ClientProtocol(self.role)
             self._connected.set()
             log.info("reconnected to %s", self.endpoints.current)

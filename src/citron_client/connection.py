@@ -6,6 +6,7 @@ import asyncio
 import functools
 import random
 import ssl
+import time
 from collections.abc import Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -82,11 +83,28 @@ def _tls_failure(url: str, exc: ssl.SSLError) -> ConnectError:
 
 
 class Backoff:
-    """Exponential backoff with full jitter: 0.1 s doubling up to ``cap``."""
+    """Exponential backoff with full jitter: 0.1 s doubling up to ``cap``.
 
-    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
-        self.base, self.cap = base, cap
+    It starts over only after a connection that lasted ``stable`` seconds
+    (:meth:`opened`, then :meth:`closed`): a server that accepts and closes
+    at once (a 4008, a node that is going away) is retried ever more slowly,
+    not every 0.1 s.
+    """
+
+    def __init__(self, base: float = 0.1, cap: float = 30.0, stable: float = 10.0) -> None:
+        self.base, self.cap, self.stable = base, cap, stable
         self.attempt = 0
+        self._opened: float | None = None
+
+    def opened(self) -> None:
+        """A connection is open."""
+        self._opened = time.monotonic()
+
+    def closed(self) -> None:
+        """That connection ended: start over if it had lasted."""
+        if self._opened is not None and time.monotonic() - self._opened >= self.stable:
+            self.reset()
+        self._opened = None
 
     def next_delay(self) -> float:
         ceiling = min(self.cap, self.base * 2**self.attempt)

@@ -159,6 +159,7 @@ class RunnerHost:
                 continue
             first = False
             self._ws = ws
+            self._backoff.opened()
             self.proto.connect()
             writer = asyncio.create_task(self._write(ws))
             try:
@@ -172,6 +173,7 @@ class RunnerHost:
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
             self._ws = None
+            self._backoff.closed()
             self.proto.connection_lost()
             if ws.close_code == 1008:
                 raise AuthError("the server closed the connection: unauthorized")
@@ -202,7 +204,6 @@ class RunnerHost:
             return
         for event in self.proto.events_received():
             if isinstance(event, Registered):
-                self._backoff.reset()
                 log.info("registered as %s", event.runner)
             elif isinstance(event, BuildStarted):
                 self._start(event.run)

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_BUILD = "unknown_build"
     BAD_STATE = "bad_state"
     UNAVAILABLE = "unavailable"
+    RATE_LIMITED = "rate_limited"
 
 
 class CitronError(Exception):

@@ -118,6 +118,7 @@ class HubConfig:
     max_build_bytes: int = 256 * 1024
     replay_page: int = 1000  # chunks read per page of a replay, at most
     replay_bytes: int = 256 * 1024  # encoded bytes sent per page of a replay, about
+    max_subscriptions: int = 1000  # builds one connection may follow at once
 
 
 class IdSource(Protocol):
@@ -194,6 +195,10 @@ class _Counter:
     def __next__(self) -> int:
         self.value += 1
         return self.value
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 class _Refusal(Exception):
@@ -439,7 +444,7 @@ class Hub:
         if c.local:
             key = (role.value, command)
             self.stats.frames_in[key] = self.stats.frames_in.get(key, 0) + 1
-        if isinstance(message, SubmitBuild) and len(payload) > self.config.max_build_bytes:
+        if isinstance(message, SubmitBuild) and _utf8_size(payload) > self.config.max_build_bytes:
             self._error(
                 c,
                 ErrorCode.TOO_LARGE,
@@ -640,6 +645,8 @@ class Hub:
         if c.local:
             self.stats.errors[code.value] = self.stats.errors.get(code.value, 0) + 1
         self._send(c.id, Error(code=code.value, message=message, req=req))
+        if code is ErrorCode.RATE_LIMITED:
+            return  # a limit, not a fault: the connection stays open
         window = c.errors
         window.append(self._now)
         while window and window[0] <= self._now - self.config.error_window:
@@ -1073,8 +1080,14 @@ class Hub:
         if not c.local:  # another host follows the log for it
             self._send(c.id, Subscribed(build=build.id, from_=msg.from_, req=msg.req))
             return
-        sub = _Sub(conn=c, build=build, after=msg.from_)
         replaced = c.subs.get(build.id)
+        if replaced is None and len(c.subs) >= self.config.max_subscriptions:
+            raise _Refusal(
+                ErrorCode.RATE_LIMITED,
+                f"this connection follows {len(c.subs)} builds already, the most it may;"
+                " unsubscribe from one first",
+            )
+        sub = _Sub(conn=c, build=build, after=msg.from_)
         if replaced is not None:
             self._drop_page(replaced)
         c.subs[build.id] = sub

@@ -35,12 +35,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import attrs
 
 __all__ = [
     "MAX_INT",
+    "MAX_NAME_BYTES",
     "MIN_SECRET",
     "BuildInfo",
     "BuildReply",
@@ -151,6 +152,30 @@ def _nonempty_text(_: object, a: attrs.Attribute[Any], value: object) -> None:
         raise FieldError(a.name, "must not be empty")
     if "\0" in value:
         raise FieldError(a.name, "must not contain a NUL character")
+
+
+#: UTF-8 bytes at most of a runner's ``type`` and ``name``: they are shown in
+#: every listing and on the live feed of every front.
+MAX_NAME_BYTES: Final = 256
+
+
+def _short(a: attrs.Attribute[Any], value: str) -> None:
+    size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise FieldError(a.name, f"must be at most {MAX_NAME_BYTES} bytes (UTF-8), got {size}")
+
+
+def _short_nonempty_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    _nonempty_text(inst, a, value)
+    assert isinstance(value, str)
+    _short(a, value)
+
+
+def _opt_short_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _text(inst, a, value)
+        assert isinstance(value, str)
+        _short(a, value)
 
 
 def _opt_nonempty_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
@@ -374,8 +399,8 @@ class RunnerInit:
     COMMAND: ClassVar[str] = "init"
     ROLES: ClassVar[frozenset[Role]] = _RUNNER
 
-    type: str = attrs.field(validator=_nonempty_text)
-    name: str | None = attrs.field(default=None, validator=_opt_text)
+    type: str = attrs.field(validator=_short_nonempty_text)
+    name: str | None = attrs.field(default=None, validator=_opt_short_text)
     protocol: int = attrs.field(default=0, validator=_count(0))
     resume: Resume | None = attrs.field(default=None, validator=_opt_instance(Resume))
 

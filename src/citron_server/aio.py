@@ -14,7 +14,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
-from .security import Gate, Refusal
+from .security import FULL, Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
 
@@ -100,6 +100,10 @@ _pending: set[asyncio.Future[None]] = set()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: Seconds a TCP connection has to send its first request whole (the
+#: websockets transport has the same ``open_timeout``).
+HANDSHAKE_TIMEOUT = 10.0
+
 
 def _refused(refusal: Refusal) -> web.Response:
     return web.Response(
@@ -136,6 +140,85 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
         return
 
 
+class _Deadline(asyncio.Protocol):
+    """Stands before aiohttp's protocol for one TCP connection and aborts it
+    when no request has come whole within ``seconds`` (aiohttp waits for
+    headers for ever: one byte every few seconds holds a connection)."""
+
+    def __init__(
+        self, inner: asyncio.Protocol, seconds: float, waiting: dict[Any, _Deadline]
+    ) -> None:
+        self.inner, self.seconds, self.waiting = inner, seconds, waiting
+        self.transport: asyncio.BaseTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.waiting[transport] = self
+        self.timer = asyncio.get_running_loop().call_later(self.seconds, self._expired)
+        self.inner.connection_made(transport)
+
+    def _expired(self) -> None:
+        self.waiting.pop(self.transport, None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    def met(self) -> None:
+        """A request came whole: the deadline no longer applies."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.waiting.pop(self.transport, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.met()
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Site(web.BaseSite):
+    """aiohttp's TCPSite, with :class:`_Deadline` before each connection."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        deadline: float,
+        waiting: dict[Any, _Deadline],
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host, self.port, self.deadline, self.waiting = host, port, deadline, waiting
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            return _Deadline(server(), self.deadline, self.waiting)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, self.host, self.port, ssl=self._ssl_context, reuse_address=True
+        )
+
+
 class AiohttpTransport:
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with aiohttp."""
 
@@ -150,7 +233,8 @@ class AiohttpTransport:
         self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
         self.tls = tls
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: _Site | None = None
+        self._waiting: dict[Any, _Deadline] = {}  # by transport: no request yet
 
     async def start(self) -> int:
         # aiohttp's loggers never below INFO: nothing they log at DEBUG is
@@ -165,8 +249,13 @@ class AiohttpTransport:
             app.router.add_get(path, self._static)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, self.settings.host, self.settings.port, ssl_context=self.tls
+        self._site = _Site(
+            self._runner,
+            self.settings.host,
+            self.settings.port,
+            self.tls,
+            HANDSHAKE_TIMEOUT,
+            self._waiting,
         )
         await self._site.start()
         return int(self._runner.addresses[0][1])
@@ -186,6 +275,9 @@ class AiohttpTransport:
 
     @web.middleware
     async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        deadline = self._waiting.get(request.transport)
+        if deadline is not None:
+            deadline.met()
         refused = self.gate.host(request.headers.getall("Host", []))
         if refused is not None:
             return _refused(refused)
@@ -218,9 +310,13 @@ class AiohttpTransport:
         )
         if isinstance(roles, Refusal):
             return _refused(roles)
+        if self.host.full:
+            return _refused(FULL)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.ping_interval,
-            max_msg_size=self.settings.max_frame,
+            # aiohttp refuses a message of exactly max_msg_size bytes: one more,
+            # so that --max-frame is the largest frame accepted on both transports.
+            max_msg_size=self.settings.max_frame + 1,
             compress=self.settings.compression == "deflate",
         )
         await ws.prepare(request)

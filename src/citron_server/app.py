@@ -52,7 +52,12 @@ async def serve(
         retry_lost=settings.retry_lost,
         cancel_timeout=settings.cancel_timeout,
     )
-    host_config = HostConfig(max_buffer=settings.max_buffer, send_timeout=settings.send_timeout)
+    host_config = HostConfig(
+        max_buffer=settings.max_buffer,
+        send_timeout=settings.send_timeout,
+        init_timeout=settings.init_timeout,
+        max_connections=settings.max_connections,
+    )
     store: Store
     host: Host
     if settings.engine == "sqlite":

@@ -106,6 +106,8 @@ class HostConfig:
 
     max_buffer: int = 1024 * 1024  # outgoing bytes per connection before 4008
     send_timeout: float = 10.0  # seconds outgoing data may stand still before 4008
+    init_timeout: float = 10.0  # seconds a new connection has to send its first frame
+    max_connections: int = 10_000  # open WebSockets; past it handshakes get 503
     abort_after: float = 1.5  # seconds from a 4008 to dropping the TCP connection
     tick: float = 0.5  # how often the hub hears the time, at most
 
@@ -136,6 +138,7 @@ class Connection:
     gone: bool = False
     wake: asyncio.Event = attrs.Factory(asyncio.Event)
     writer: asyncio.Task[None] | None = None
+    heard: bool = False  # a frame came in
     written: int = 0  # bytes handed to the transport, ever
     moved: int = 0  # of those, bytes the transport had passed on at the last check
     stalled_since: float = 0.0  # when ``moved`` last grew (monotonic clock)
@@ -352,16 +355,37 @@ class Host:
     def open(self, peer: Peer, roles: Iterable[Role]) -> Connection:
         conn = Connection(id=self._new_conn_id(), peer=peer, host=self)
         self.connections[conn.id] = conn
+        asyncio.get_running_loop().call_later(
+            self.config.init_timeout, self._first_frame_due, conn
+        )
         roles = frozenset(roles)
         log.info("connection %s opened (roles %s)", conn.id, ",".join(sorted(roles)))
         self._hub_connect(conn, roles)
         return conn
 
+    @property
+    def full(self) -> bool:
+        """As many connections are open as ``max_connections`` allows: an
+        adapter answers a new handshake with HTTP 503."""
+        return len(self.connections) >= self.config.max_connections
+
     def receive(self, conn: Connection, text: str) -> None:
+        conn.heard = True
         self._hub_receive(conn, text)
 
     def receive_binary(self, conn: Connection) -> None:
+        conn.heard = True
         self._hub_binary(conn)
+
+    def _first_frame_due(self, conn: Connection) -> None:
+        """A connection that sent nothing in ``init_timeout`` seconds: 1008."""
+        if conn.heard or conn.gone or conn.closing is not None:
+            return
+        log.info(
+            "connection %s: no frame within %g s, closing", conn.id, self.config.init_timeout
+        )
+        conn.close(CloseCode.POLICY, "no frame in time")
+        asyncio.get_running_loop().call_later(self.config.abort_after, conn.abort)
 
     # The hub's inputs. An engine that replicates the hub overrides these four.
 

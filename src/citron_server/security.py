@@ -37,7 +37,7 @@ from citron_protocol import Role
 
 from .settings import ConfigError
 
-__all__ = ["Auth", "Gate", "Refusal", "bearer", "normalize_origin", "server_tls"]
+__all__ = ["FULL", "Auth", "Gate", "Refusal", "bearer", "normalize_origin", "server_tls"]
 
 log = logging.getLogger("citron.server")
 
@@ -55,6 +55,7 @@ class Refusal:
 
 
 UNAUTHORIZED = Refusal(401, "unauthorized: a valid token is needed")
+FULL = Refusal(503, "service unavailable: too many connections, try again later")
 
 
 def _bytes(text: str) -> bytes:

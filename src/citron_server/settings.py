@@ -35,6 +35,8 @@ class Settings:
     max_frame: int = 1024 * 1024
     max_buffer: int = 1024 * 1024
     send_timeout: float = 10.0
+    init_timeout: float = 10.0
+    max_connections: int = 10_000
     log_cap: int = 64 * 1024 * 1024
     lost_grace: float = 60.0
     retry_lost: int = 1
@@ -220,6 +222,21 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "type": _seconds,
             "help": "seconds a connection's outgoing data may stand still before it is"
             " closed as a slow consumer (default 10)",
+        },
+    ),
+    (
+        "--init-timeout",
+        {
+            "type": _seconds,
+            "help": "seconds a new WebSocket has to send its first frame before it is"
+            " closed with 1008 (default 10)",
+        },
+    ),
+    (
+        "--max-connections",
+        {
+            "type": _positive_int,
+            "help": "open WebSockets at most; past it handshakes get HTTP 503 (default 10000)",
         },
     ),
     ("--log-cap", {"type": _positive_int, "help": "log bytes stored per build (default 64 MiB)"}),

@@ -19,11 +19,15 @@ from citron_protocol import Role
 
 from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
-from .security import Gate, Refusal
+from .security import FULL, Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
 
 __all__ = ["WebsocketsTransport"]
+
+
+#: Seconds a TCP connection has to complete its HTTP handshake.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class _Peer:
@@ -121,6 +125,7 @@ class WebsocketsTransport:
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_interval,
             server_header="citron",
+            open_timeout=HANDSHAKE_TIMEOUT,  # the whole HTTP handshake, headers included
             ssl=self.tls,
             # Its own logger, never below WARNING: at DEBUG websockets logs
             # every frame and the handshake's headers (secrets, tokens), at
@@ -172,6 +177,8 @@ class WebsocketsTransport:
         )
         if isinstance(roles, Refusal):
             return _refused(roles)
+        if self.host.full:
+            return _refused(FULL)
         self._roles[connection] = roles
         return None
 

@@ -710,7 +710,11 @@ def test_counts_for_hosts(h: Harness) -> None:
 # -- property: nothing a peer sends breaks the hub ------------------------------------------
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    deadline=None,
+)
 @given(
     st.lists(
         st.tuples(

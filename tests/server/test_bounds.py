@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from .. import procs
 from ..conftest import ServerFactory, ServerProc
 from ..peers import RawClient, ask, follow, peer, recv, runner, submit
 from ..procs import citron, eventually
@@ -185,3 +189,214 @@ async def test_200_non_reading_subscribers_are_dropped_and_their_memory_returns(
     for client in clients:
         client.close()
     assert server.log().count("slow consumer") == 200
+
+
+async def test_a_subscribe_storm_leaves_others_answered(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    build, _ = await write_log(server.url, 64 * 1024, 4 * 1024 * 1024)
+    storm = RawClient(server.port, rcvbuf=4096)
+    frame = f'WEB:subscribe:{{"build": "{build}", "from": 0}}'.encode()
+    for _ in range(3000):
+        storm.send_frame(frame)
+    other = await peer(server.url)
+    latencies = []
+    for i in range(20):
+        started = time.monotonic()
+        reply = await ask(other, f'WEB:get_runners:{{"req": "{i}"}}')
+        latencies.append(time.monotonic() - started)
+        assert reply.COMMAND == "runners"
+        await asyncio.sleep(0.05)
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.05, latencies
+    assert server.proc is not None
+    # The storm's replays were replaced, not stacked: the server is idle again.
+    await asyncio.sleep(1)
+    cpu = Path(f"/proc/{server.proc.pid}/stat").read_text().split()
+    ticks = int(cpu[13]) + int(cpu[14])
+    await asyncio.sleep(2)
+    cpu = Path(f"/proc/{server.proc.pid}/stat").read_text().split()
+    assert int(cpu[13]) + int(cpu[14]) - ticks < 50  # under a quarter of a core for 2 s
+
+
+# -- deadlines and caps -------------------------------------------------------------------------
+
+
+async def test_a_websocket_that_sends_nothing_is_closed_with_1008(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory("--init-timeout", "1")
+    silent = await peer(server.url)
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(silent.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert time.monotonic() - started < 1 + 2
+    talker = await peer(server.url)
+    await asyncio.sleep(0.5)
+    assert (await ask(talker, 'WEB:get_runners:{"req": "x"}')).COMMAND == "runners"
+    await asyncio.sleep(1.5)  # past the deadline: it has spoken, it stays
+    assert (await ask(talker, 'WEB:get_runners:{"req": "y"}')).COMMAND == "runners"
+
+
+async def test_a_raw_socket_that_never_completes_its_first_frame_is_dropped(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory("--init-timeout", "1")
+    raw = RawClient(server.port)
+    raw.sock.sendall(b"\x81")  # the first byte of a frame, and nothing more
+    raw.sock.settimeout(6)
+    started = time.monotonic()
+    raw.frames()  # the close frame, then the end of the stream
+    assert time.monotonic() - started < 1 + 2 + 1
+
+
+async def test_max_connections_answers_503(server_factory: ServerFactory) -> None:
+    server = server_factory("--max-connections", "5")
+    held = [await peer(server.url) for _ in range(5)]
+    with pytest.raises(InvalidStatus) as refused:
+        await peer(server.url)
+    assert refused.value.response.status_code == 503
+    await held.pop().close()
+    await asyncio.sleep(0.2)
+    again = await peer(server.url)
+    assert (await ask(again, 'WEB:get_runners:{"req": "x"}')).COMMAND == "runners"
+
+
+async def test_a_connection_follows_at_most_1000_builds(server: ServerProc) -> None:
+    api = await peer(server.url)
+    builds = [await submit(api, extra=', "type": "nobody"') for _ in range(1001)]
+    web = await peer(server.url)
+    for build in builds[:1000]:
+        await web.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    for _ in range(2000):  # subscribed: and state: for each
+        await recv(web)
+    reply = await ask(web, f'WEB:subscribe:{{"build": "{builds[1000]}", "req": "one-more"}}')
+    assert (reply.COMMAND, reply.code, reply.req) == ("error", "rate_limited", "one-more")
+    # The same build again is a resubscribe, not one more; after an
+    # unsubscribe there is room.
+    assert (await ask(web, f'WEB:subscribe:{{"build": "{builds[0]}"}}')).COMMAND == "subscribed"
+    await recv(web)
+    assert (await ask(web, f'WEB:unsubscribe:{{"build": "{builds[0]}"}}')).COMMAND == (
+        "unsubscribed"
+    )
+    assert (await ask(web, f'WEB:subscribe:{{"build": "{builds[1000]}"}}')).COMMAND == (
+        "subscribed"
+    )
+
+
+async def test_a_slowloris_is_cut_after_10_s(server: ServerProc) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    started = time.monotonic()
+    writer.write(b"GET / HTTP/1.1\r\n")
+    closed_at = None
+    for n in range(30):  # one header byte a second
+        await asyncio.sleep(1)
+        try:
+            writer.write(b"X-A"[n % 3 : n % 3 + 1])
+            await writer.drain()
+        except ConnectionError:
+            closed_at = time.monotonic()
+            break
+        if reader.at_eof() or writer.transport.is_closing():
+            closed_at = time.monotonic()
+            break
+        with contextlib.suppress(TimeoutError):
+            data = await asyncio.wait_for(reader.read(100), 0.01)
+            if data == b"" or b"HTTP/1.1 408" in data:
+                closed_at = time.monotonic()
+                break
+    writer.close()
+    assert closed_at is not None, "still open after 30 s"
+    assert 9 <= closed_at - started <= 10 + 2
+    assert server.healthz()["status"] == "ok"
+
+
+# -- clients back off -----------------------------------------------------------------------------
+
+
+async def test_citron_logs_backs_off_when_every_replay_is_cut(
+    server_factory: ServerFactory,
+) -> None:
+    # Every page of this log is over the server's outgoing limit: each
+    # subscribe ends in 4008 right after the connection opened.
+    server = server_factory("--max-buffer", "4096")
+    build, _ = await write_log(server.url, 8 * 1024, 160 * 1024)
+    opened_before = server.log().count("opened")
+    proc = await asyncio.to_thread(procs.citron_popen, "logs", server.url, build)
+    await asyncio.sleep(5)
+    proc.kill()
+    proc.communicate(timeout=10)
+    opened = server.log().count("opened") - opened_before
+    # 0.1 s doubling with jitter: at most 7 attempts fit in 5 s; without
+    # backoff it was one every 0.1 s.
+    assert 2 <= opened <= 8, opened
+    assert server.log().count("slow consumer") >= 2
+
+
+async def test_citron_runner_backs_off_from_a_server_that_closes_after_ready() -> None:
+    opened = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal opened
+        opened += 1
+        await ws.recv()  # RUNNER:init
+        await ws.send('ready:{"runner": "r-1", "protocol": 1, "session": "s3cr3t"}')
+        await ws.close(1011, "going away at once")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        proc = subprocess.Popen(
+            procs.runner_argv(f"ws://127.0.0.1:{port}/ws"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.sleep(5)
+        finally:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    assert 2 <= opened <= 8, opened
+
+
+# -- sizes are UTF-8 bytes ---------------------------------------------------------------------
+
+
+def padded(size: int) -> str:
+    """A valid WEB frame of exactly ``size`` bytes."""
+    head, tail = 'WEB:get_runners:{"req": "', '"}'
+    return head + "r" * (size - len(head) - len(tail)) + tail
+
+
+async def test_a_frame_of_exactly_max_frame_bytes_is_accepted(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory("--max-frame", "1000")
+    web = await peer(server.url)
+    reply = await ask(web, padded(1000))
+    assert reply.COMMAND == "runners"
+    await web.send(padded(1001))
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(web.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_the_build_definition_limit_counts_bytes(server: ServerProc) -> None:
+    api = await peer(server.url)
+    emoji = json.dumps(["\U0001f600" * 70_000], ensure_ascii=False)  # 70k characters, 280 KB
+    reply = await ask(api, f'API:run:{{"repo": "https://x/r.git", "script": {emoji}}}')
+    assert (reply.COMMAND, reply.code) == ("error", "too_large")
+    fits = json.dumps(["\U0001f600" * 60_000], ensure_ascii=False)  # 240 KB
+    reply = await ask(api, f'API:run:{{"repo": "https://x/r.git", "script": {fits}}}')
+    assert reply.COMMAND == "queued"
+
+
+async def test_a_runner_name_is_at_most_256_bytes(server: ServerProc) -> None:
+    r = await peer(server.url)
+    long_name = "é" * 129  # 258 bytes
+    reply = await ask(r, f'RUNNER:init:{{"type": "simple", "name": "{long_name}"}}')
+    assert (reply.COMMAND, reply.code) == ("error", "invalid_payload")
+    assert "$.name" in reply.message and "256 bytes" in reply.message
+    reply = await ask(r, f'RUNNER:init:{{"type": "{"t" * 257}"}}')
+    assert (reply.COMMAND, reply.code) == ("error", "invalid_payload")
+    reply = await ask(r, f'RUNNER:init:{{"type": "simple", "name": "{"é" * 128}"}}')
+    assert reply.COMMAND == "ready"
