@@ -262,6 +262,55 @@ async def replay(url: str, build: str, n: int) -> float:
     return n / elapsed
 
 
+async def fill_big(url: str, chunk: int, total: int) -> dict[str, Any]:
+    """A build whose log is ``total`` bytes in chunks of ``chunk`` bytes."""
+    runner = await ws_connect(url)
+    await runner.send('RUNNER:init:{"type": "replay-bench", "protocol": 1}')
+    await runner.recv()
+    api = await ws_connect(url)
+    await api.send('API:run:{"repo": "bench", "script": [], "type": "replay-bench"}')
+    build = json.loads((await api.recv()).split(":", 1)[1])["build"]
+    await runner.recv()
+    n = total // chunk
+    for i in range(n):
+        text = f"{i:08d}" + "x" * (chunk - 9) + "\n"
+        await runner.send("RUNNER:process:" + json.dumps({"finished": False, "log": text}))
+        if i % 64 == 0:  # keep the server's inbox short
+            await api.send(f'API:get_build:{{"build": "{build}"}}')
+            await api.recv()
+    await runner.send('RUNNER:process:{"finished":true,"success":true}')
+    while True:
+        await api.send(f'API:get_build:{{"build": "{build}"}}')
+        info = json.loads((await api.recv()).split(":", 1)[1])
+        if info["state"] == "success" and info["log_seq"] == n:
+            break
+        await asyncio.sleep(0.05)
+    await runner.close()
+    await api.close()
+    return {"build": build, "chunks": n}
+
+
+async def replay_bytes(url: str, build: str, n: int, kind: str) -> float:
+    """MB/s of ``log:`` frames received until chunk ``n``: from citron
+    (subscribe) or from the baseline (``replay BUILD``)."""
+    front = await ws_connect(url)
+    start = time.perf_counter()
+    if kind == "citron":
+        await front.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    else:
+        await front.send(f"replay {build}")
+    got = size = 0
+    async for text in front:
+        if text.startswith("log:"):
+            got += 1
+            size += len(text)
+            if got >= n:
+                break
+    elapsed = time.perf_counter() - start
+    await front.close()
+    return size / elapsed / 1e6
+
+
 async def main(spec: dict[str, Any]) -> Any:
     scenario = spec["scenario"]
     if scenario == "relay" and spec.get("front_url"):
@@ -276,6 +325,11 @@ async def main(spec: dict[str, Any]) -> Any:
         return await fill(spec["url"], spec["lines"])
     if scenario == "replay":
         return {"rate": await replay(spec["url"], spec["build"], spec["lines"])}
+    if scenario == "fill_big":
+        return await fill_big(spec["url"], spec["chunk"], spec["total"])
+    if scenario == "replay_bytes":
+        rate = await replay_bytes(spec["url"], spec["build"], spec["chunks"], spec["kind"])
+        return {"rate": rate}
     raise SystemExit(f"unknown scenario {scenario}")
 
 

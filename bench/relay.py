@@ -2,19 +2,42 @@
 
 A connection's first message names what it is: ``reader`` (receives every
 message a writer sends), ``writer`` (its messages go, unparsed, to every
-reader), ``echo`` (its messages come back), or anything else (idle).
+reader), ``echo`` (its messages come back), ``replay BUILD`` (the build's
+log chunks, read from the SQLite file given after the transport, each sent
+as a ``log:`` frame with the library's own send), or anything else (idle).
 
-    python -m bench.relay websockets|aiohttp
+    python -m bench.relay websockets|aiohttp [DB]
 prints ``PORT`` and serves on 127.0.0.1 until killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 readers: set[Any] = set()
+
+
+def stored_log(build: str) -> Iterator[str]:
+    """The ``log:`` frames of a build stored by citron, page by page."""
+    from citron_protocol import encode_log_chunk
+
+    db = sqlite3.connect(sys.argv[2])
+    after = 0
+    while True:
+        rows = db.execute(
+            "SELECT seq, log FROM log_chunks WHERE build = ? AND seq > ? ORDER BY seq LIMIT 64",
+            (build, after),
+        ).fetchall()
+        if not rows:
+            break
+        for seq, text in rows:
+            yield encode_log_chunk(build, seq, text)
+        after = rows[-1][0]
+    db.close()
 
 
 async def serve_websockets() -> None:
@@ -34,6 +57,10 @@ async def serve_websockets() -> None:
         elif role == "echo":
             async for message in ws:
                 await ws.send(message)
+        elif role.startswith("replay "):
+            for frame in stored_log(role.split()[1]):
+                await ws.send(frame)  # waits for the socket to drain
+            await ws.wait_closed()
         else:
             await ws.wait_closed()
 
@@ -64,6 +91,11 @@ async def serve_aiohttp() -> None:
         elif role == "echo":
             async for message in ws:
                 await ws.send_str(message.data)
+        elif role.startswith("replay "):
+            for frame in stored_log(role.split()[1]):
+                await ws.send_str(frame)  # waits for the socket to drain now and then
+            async for _ in ws:
+                pass
         else:
             async for _ in ws:
                 pass

@@ -29,6 +29,7 @@ def test_the_quick_benchmarks_run(tmp_path: Path) -> None:
         "persistence: 10 fronts",
         "dispatch latency",
         "log replay after restart",
+        "replay of a 4 MiB log",
     } <= figures
     assert {row["transport"] for row in rows} == {"-", "websockets", "aiohttp"}
     assert all(row["citron"] > 0 and row["baseline"] > 0 for row in rows)
