@@ -177,12 +177,18 @@ class Client:
     async def builds(
         self, state: BuildState | None = None, limit: int = 50, before: str | None = None
     ) -> tuple[BuildInfo, ...]:
-        """Builds, newest first."""
-        reply = await self._request(
-            GetBuilds(role=self.role, state=state, limit=limit, before=before)
-        )
-        assert isinstance(reply, Builds)
-        return reply.builds
+        """Builds, newest first, ``limit`` of them when there are as many: a
+        reply the server cut short (``more``) is followed by further pages."""
+        out: list[BuildInfo] = []
+        while True:
+            reply = await self._request(
+                GetBuilds(role=self.role, state=state, limit=limit - len(out), before=before)
+            )
+            assert isinstance(reply, Builds)
+            out.extend(reply.builds)
+            if not reply.more or not reply.builds or len(out) >= limit:
+                return tuple(out)
+            before = reply.builds[-1].id
 
     async def build(self, build: str) -> BuildInfo:
         reply = await self._request(GetBuild(role=self.role, build=build))

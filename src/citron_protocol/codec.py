@@ -272,7 +272,9 @@ _STRUCTURE[Runners] = lambda d: Runners(
     runners=_structure_list(_require(d, "runners"), RunnerInfo, "runners"), req=d.get("req")
 )
 _STRUCTURE[Builds] = lambda d: Builds(
-    builds=_structure_list(_require(d, "builds"), BuildInfo, "builds"), req=d.get("req")
+    builds=_structure_list(_require(d, "builds"), BuildInfo, "builds"),
+    req=d.get("req"),
+    more=d.get("more", False),
 )
 
 
@@ -297,7 +299,8 @@ _UNSTRUCTURE[Runners] = lambda m: _with_req(
     {"runners": [converter.unstructure(r) for r in m.runners]}, m.req
 )
 _UNSTRUCTURE[Builds] = lambda m: _with_req(
-    {"builds": [converter.unstructure(b) for b in m.builds]}, m.req
+    {"builds": [converter.unstructure(b) for b in m.builds], **({"more": True} if m.more else {})},
+    m.req,
 )
 
 # -- errors with paths ------------------------------------------------------------------

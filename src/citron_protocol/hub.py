@@ -119,6 +119,7 @@ class HubConfig:
     replay_page: int = 1000  # chunks read per page of a replay, at most
     replay_bytes: int = 256 * 1024  # encoded bytes sent per page of a replay, about
     max_subscriptions: int = 1000  # builds one connection may follow at once
+    max_reply_bytes: int = 512 * 1024  # a get_builds reply, about; at least one build
 
 
 class IdSource(Protocol):
@@ -1059,12 +1060,19 @@ class Hub:
             before = self._find(msg.before)
             builds = [b for b in builds if b.record.number < before.record.number]
         out: list[BuildInfo] = []
+        size = 0
+        more = False
         for build in reversed(builds):
             if msg.state is None or build.state is msg.state:
-                out.append(build.info())
                 if len(out) == msg.limit:
                     break
-        self._send(c.id, Builds(builds=tuple(out), req=msg.req))
+                info = build.info()
+                size += _utf8_size(encode(BuildReply(build=info)))
+                if out and size > self.config.max_reply_bytes:
+                    more = True  # the rest with before=out[-1].id
+                    break
+                out.append(info)
+        self._send(c.id, Builds(builds=tuple(out), req=msg.req, more=more))
 
     def _on_get_build(self, c: _Conn, msg: GetBuild) -> None:
         self._send(c.id, BuildReply(build=self._find(msg.build).info(), req=msg.req))

@@ -665,12 +665,15 @@ class Runners:
 
 @attrs.frozen(kw_only=True)
 class Builds:
-    """``builds``: reply to ``get_builds``, newest first."""
+    """``builds``: reply to ``get_builds``, newest first. ``more``: the
+    reply was cut short of ``limit`` to stay within the server's reply size;
+    ask again with ``before`` set to the last build's id for the rest."""
 
     COMMAND: ClassVar[str] = "builds"
 
     builds: tuple[BuildInfo, ...] = attrs.field(converter=_to_tuple, validator=_tuple_of(BuildInfo))
     req: str | None = _REQ
+    more: bool = attrs.field(default=False, validator=_boolean)
 
 
 @attrs.frozen(kw_only=True)

@@ -192,7 +192,12 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
     Queued: st.builds(Queued, build=_names, req=_reqs),
     BuildReply: st.builds(BuildReply, build=_build_infos, req=_reqs),
     Runners: st.builds(Runners, runners=st.lists(_runner_infos, max_size=3).map(tuple), req=_reqs),
-    Builds: st.builds(Builds, builds=st.lists(_build_infos, max_size=3).map(tuple), req=_reqs),
+    Builds: st.builds(
+        Builds,
+        builds=st.lists(_build_infos, max_size=3).map(tuple),
+        req=_reqs,
+        more=st.booleans(),
+    ),
     Subscribed: st.builds(Subscribed, build=_opt_names, from_=_counts, req=_reqs),
     Unsubscribed: st.builds(Unsubscribed, build=_opt_names, from_=_counts, req=_reqs),
     LogChunk: st.builds(LogChunk, build=_names, seq=_seqs, log=_log),

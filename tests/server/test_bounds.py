@@ -400,3 +400,31 @@ async def test_a_runner_name_is_at_most_256_bytes(server: ServerProc) -> None:
     assert (reply.COMMAND, reply.code) == ("error", "invalid_payload")
     reply = await ask(r, f'RUNNER:init:{{"type": "simple", "name": "{"é" * 128}"}}')
     assert reply.COMMAND == "ready"
+
+
+# -- replies fit ---------------------------------------------------------------------------
+
+
+async def test_get_builds_over_big_scripts_is_paged_not_4008(server: ServerProc) -> None:
+    from citron_client import Client
+
+    api = await peer(server.url)
+    script = json.dumps(["echo " + "x" * 200_000])
+    ids = [await submit(api, script, ', "type": "nobody"') for _ in range(30)]  # 6 MB in all
+    web = await peer(server.url)
+    reply = await ask(web, 'WEB:get_builds:{"limit": 50, "req": "page"}')
+    assert reply.COMMAND == "builds" and reply.more
+    assert 1 <= len(reply.builds) < 30
+    assert [b.id for b in reply.builds] == ids[::-1][: len(reply.builds)]
+    assert sum(len(line) for b in reply.builds for line in b.script) <= 512 * 1024
+    # The connection is still open, and the rest comes with before.
+    seen = [b.id for b in reply.builds]
+    while reply.more:
+        reply = await ask(web, f'WEB:get_builds:{{"limit": 50, "before": "{seen[-1]}"}}')
+        seen += [b.id for b in reply.builds]
+    assert seen == ids[::-1]
+    async with Client(server.url) as client:  # the library pages by itself
+        assert [b.id for b in await client.builds(limit=25)] == ids[::-1][:25]
+    result = await asyncio.to_thread(citron, "builds", server.url, "--limit", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [b["id"] for b in json.loads(result.stdout)] == ids[::-1]

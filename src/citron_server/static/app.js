@@ -187,7 +187,7 @@ class BuildsView {
       if (!this.builds.has(build.id)) this.order.push(build.id);
       this.builds.set(build.id, build);
     }
-    this.more.hidden = reply.builds.length < 50;
+    this.more.hidden = reply.builds.length < 50 && !reply.more;
     this.render();
   }
 
