@@ -40,6 +40,7 @@ import attrs
 from .codec import encode, encode_log_chunk, parse_client, peek_req, split_client
 from .errors import ErrorCode, ProtocolError, UsageError
 from .messages import (
+    MAX_INT,
     BuildInfo,
     BuildReply,
     Builds,
@@ -120,6 +121,7 @@ class HubConfig:
     replay_bytes: int = 256 * 1024  # encoded bytes sent per page of a replay, about
     max_subscriptions: int = 1000  # builds one connection may follow at once
     max_reply_bytes: int = 512 * 1024  # a get_builds reply, about; at least one build
+    max_log_frame: int = 256 * 1024  # a log: frame at most; a longer chunk is stored in pieces
 
 
 class IdSource(Protocol):
@@ -705,7 +707,9 @@ class Hub:
         self._save(build, state=state, **changes)
         self._notify_build(build)
 
-    def _append_log(self, build: _Build, text: str, run_seq: int | None) -> None:
+    def _append_log(
+        self, build: _Build, text: str, run_seq: int | None, *, live: bool = True
+    ) -> None:
         seq = build.log_seq = build.log_seq + 1
         size = _utf8_len(text)
         build.log_bytes += size
@@ -721,7 +725,7 @@ class Hub:
                 size=size,
             )
         )
-        if not build.subs:
+        if not build.subs or not live:
             return
         frame = encode_log_chunk(build_id, seq, text)
         sends = self._fx.sends
@@ -978,7 +982,33 @@ class Hub:
             self._save(build, truncated=True)
             self._notify_build(build)
             return
-        self._append_log(build, msg.log, run_seq)
+        pieces = self._pieces(build.record.id, msg.log)
+        if len(pieces) == 1:
+            self._append_log(build, msg.log, run_seq)
+            return
+        # Too big for one frame: stored in pieces, and its followers get
+        # them paced from the store, like a replay (all at once, they would
+        # overflow a reader's buffer).
+        for piece in pieces:
+            self._append_log(build, piece, run_seq, live=False)
+        for sub in build.subs.values():
+            sub.until = build.log_seq
+            if sub.pending is None:
+                sub.pending = []
+                self._request_page(sub)
+
+    def _pieces(self, build_id: str, text: str) -> list[str]:
+        """``text`` cut so that each piece's ``log:`` frame is at most
+        ``max_log_frame`` bytes: escaping can make a frame six times its
+        text (control characters), and a frame must fit every reader's
+        buffer. Pieces share the runner's seq."""
+        bound = self.config.max_log_frame
+        if 6 * len(text) + len(build_id) + 64 <= bound or len(text) < 2:
+            return [text]  # the common case: no need to encode to know
+        if _utf8_size(encode_log_chunk(build_id, MAX_INT, text)) <= bound:
+            return [text]
+        half = len(text) // 2
+        return self._pieces(build_id, text[:half]) + self._pieces(build_id, text[half:])
 
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)

@@ -1086,3 +1086,25 @@ def test_a_new_subscribe_or_an_unsubscribe_drops_the_replay_in_flight() -> None:
     fourth = h.held_loads[-1]
     h.disconnect(web)
     assert h.cancelled == [first.request, third.request, fourth.request]
+
+
+def test_a_chunk_whose_frame_would_be_too_big_is_stored_in_pieces() -> None:
+    h = Harness(HubConfig(max_log_frame=64 * 1024))
+    r, build, _, _api = _running(h)
+    web = h.connect([Role.WEB])
+    h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    h.recv(web)
+    # Raw control characters, as the PHP runner sends them: 1 byte each in,
+    # 6 bytes each once escaped in a log: frame.
+    text = "\x01\x02\x1f" * 100_000 + "end\n"
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "' + text + '"}')
+    frames = [f for f in h.raw(web) if f.startswith("log:")]
+    assert len(frames) >= 6 * len(text) // (64 * 1024)
+    assert all(len(f.encode()) <= 64 * 1024 for f in frames)
+    pieces = [decode_server(f) for f in frames]
+    assert "".join(p.log for p in pieces) == text
+    assert [p.seq for p in pieces] == list(range(1, len(pieces) + 1))
+    assert h.log_of(build) == [(p.seq, p.log) for p in pieces]
+    # One runner chunk: the next one is the runner's seq 2, whatever the pieces.
+    h.send(r, f'RUNNER:process:{{"build": "{build}", "seq": 2, "finished": false, "log": "x"}}')
+    assert h.log_of(build)[-1] == (len(pieces) + 1, "x")

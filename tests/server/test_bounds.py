@@ -428,3 +428,25 @@ async def test_get_builds_over_big_scripts_is_paged_not_4008(server: ServerProc)
     result = await asyncio.to_thread(citron, "builds", server.url, "--limit", "30", "--json")
     assert result.returncode == 0, result.stderr
     assert [b["id"] for b in json.loads(result.stdout)] == ids[::-1]
+
+
+async def test_a_chunk_that_grows_6x_when_escaped_reaches_its_readers(server: ServerProc) -> None:
+    api = await peer(server.url)
+    build = await submit(api)
+    r = await peer(server.url)
+    await r.send('RUNNER:init:{"type": "simple"}')  # a legacy runner, as the PHP one
+    assert (await recv(r)).COMMAND == "ready"
+    assert (await recv(r)).COMMAND == "run"
+    live = await peer(server.url)
+    await ask(live, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    await recv(live)  # state:
+    text = "\x01\x1b\x7f\x02" * 225_000  # 900 KB raw; about 5 MB once escaped
+    await r.send('RUNNER:process:{"finished": false, "log": "' + text + '"}')
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    got = await follow(live, build, timeout=30)
+    assert "".join(t for _, t in got) == text
+    late = await peer(server.url)
+    await ask(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    got = await follow(late, build, timeout=30)
+    assert "".join(t for _, t in got) == text
+    assert "slow consumer" not in server.log()
