@@ -466,7 +466,8 @@ class ServerConformance:
             "unauthorized": "needs different tokens for API and WEB",
             "role_mismatch": "needs a token that opens two roles",
             "unavailable": "comes only from a server that cannot reach its shared state",
-            "rate_limited": "comes only past a per-connection limit (1,000 subscriptions)",
+            "rate_limited": "comes only past a per-connection limit (the request budget,"
+            " 1,000 subscriptions)",
         }
         notes = [f"{code} {why.get(code, 'was not produced')}" for code in sorted(missing)]
         return f"{len(seen)} codes" + (f" ({'; '.join(notes)})" if notes else "")

@@ -51,7 +51,15 @@ DOCUMENTED_CLOSES = frozenset({1000, 1001, 1007, 1008, 1009, 1011, 4001, 4002, 4
 INTERNAL_ERROR = 1011
 #: Codes that depend on the state of the server, so any valid frame may get them.
 STATE_CODES = frozenset(
-    {"not_registered", "no_build", "unknown_build", "bad_state", "too_large", "role_mismatch"}
+    {
+        "not_registered",
+        "no_build",
+        "unknown_build",
+        "bad_state",
+        "too_large",
+        "role_mismatch",
+        "rate_limited",
+    }
 )
 _CODES = frozenset(c.value for c in ErrorCode)
 _REPLIES: dict[type[Any], str] = {

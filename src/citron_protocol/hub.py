@@ -122,6 +122,8 @@ class HubConfig:
     max_subscriptions: int = 1000  # builds one connection may follow at once
     max_reply_bytes: int = 512 * 1024  # a get_builds reply, about; at least one build
     max_log_frame: int = 256 * 1024  # a log: frame at most; a longer chunk is stored in pieces
+    request_rate: float = 200.0  # API and WEB requests per second and connection, sustained
+    request_burst: int = 2000  # ... and at once (a token bucket)
 
 
 class IdSource(Protocol):
@@ -239,6 +241,8 @@ class _Conn:
     errors: deque[float] = attrs.Factory(deque)
     closing: bool = False
     local: bool = True  # served by this hub's host (see Hub.connect)
+    tokens: float = -1.0  # the request budget left (-1: full, not yet used)
+    refilled: float = 0.0  # when ``tokens`` was last brought up to date
 
     @property
     def out_key(self) -> tuple[str, str]:
@@ -447,6 +451,15 @@ class Hub:
         if c.local:
             key = (role.value, command)
             self.stats.frames_in[key] = self.stats.frames_in.get(key, 0) + 1
+        if role is not Role.RUNNER and not self._spend(c):
+            self._error(
+                c,
+                ErrorCode.RATE_LIMITED,
+                f"over the request budget ({self.config.request_rate:g} a second, "
+                f"{self.config.request_burst} at once): slow down and send it again",
+                getattr(message, "req", None),
+            )
+            return self._flush()
         if isinstance(message, SubmitBuild) and _utf8_size(payload) > self.config.max_build_bytes:
             self._error(
                 c,
@@ -643,6 +656,19 @@ class Hub:
         if not c.closing:
             c.closing = True
             self._fx.closes.append(Close(c.id, code, reason))
+
+    def _spend(self, c: _Conn) -> bool:
+        """Take one request from ``c``'s token bucket; False if it is empty."""
+        burst = float(self.config.request_burst)
+        if c.tokens < 0:
+            c.tokens = burst
+        else:
+            c.tokens = min(burst, c.tokens + (self._now - c.refilled) * self.config.request_rate)
+        c.refilled = self._now
+        if c.tokens < 1:
+            return False
+        c.tokens -= 1
+        return True
 
     def _error(self, c: _Conn, code: ErrorCode, message: str, req: str | None = None) -> None:
         if c.local:

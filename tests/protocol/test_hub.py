@@ -1108,3 +1108,26 @@ def test_a_chunk_whose_frame_would_be_too_big_is_stored_in_pieces() -> None:
     # One runner chunk: the next one is the runner's seq 2, whatever the pieces.
     h.send(r, f'RUNNER:process:{{"build": "{build}", "seq": 2, "finished": false, "log": "x"}}')
     assert h.log_of(build)[-1] == (len(pieces) + 1, "x")
+
+
+def test_the_request_budget() -> None:
+    h = Harness(HubConfig(request_rate=2, request_burst=3))
+    web = h.connect([Role.WEB])
+    for i in range(3):
+        (reply,) = h.send(web, f'WEB:get_runners:{{"req": "{i}"}}')
+        assert reply.COMMAND == "runners"
+    for _ in range(300):  # far past the error limit: a limit is not a fault
+        (reply,) = h.send(web, 'WEB:get_runners:{"req": "over"}')
+        assert (reply.COMMAND, reply.code, reply.req) == ("error", "rate_limited", "over")
+    assert web not in h.closed
+    h.now += 1.0  # two more tokens
+    assert [m.COMMAND for m in h.send(web, "WEB:get_runners:")] == ["runners"]
+    assert [m.COMMAND for m in h.send(web, "WEB:get_runners:")] == ["runners"]
+    assert [m.code for m in h.send(web, "WEB:get_runners:")] == ["rate_limited"]
+    h.now += 60  # refills to the burst, not beyond
+    assert [m.COMMAND for m in h.send(web, "WEB:get_runners:") * 1] == ["runners"]
+    # Runner frames spend no budget: a log is as long as it is.
+    r, build, _, _api = _running(h)
+    for i in range(50):
+        assert h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}') == []
+    assert len(h.log_of(build)) == 50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import subprocess
@@ -450,3 +451,17 @@ async def test_a_chunk_that_grows_6x_when_escaped_reaches_its_readers(server: Se
     got = await follow(late, build, timeout=30)
     assert "".join(t for _, t in got) == text
     assert "slow consumer" not in server.log()
+
+
+async def test_requests_past_the_budget_get_rate_limited(server: ServerProc) -> None:
+    web = await peer(server.url)
+    for i in range(2300):
+        await web.send(f'WEB:get_runners:{{"req": "{i}"}}')
+    codes: collections.Counter[str] = collections.Counter()
+    for _ in range(2300):
+        reply = await recv(web)
+        codes[reply.code if reply.COMMAND == "error" else reply.COMMAND] += 1
+    assert codes["runners"] >= 2000 and codes["rate_limited"] >= 1, codes
+    assert sum(codes.values()) == 2300
+    await asyncio.sleep(1)  # the budget refills; the connection is still open
+    assert (await ask(web, 'WEB:get_runners:{"req": "after"}')).COMMAND == "runners"
