@@ -57,6 +57,15 @@ def failed_handshake(port: int) -> bytes:
     ).encode()
 
 
+def refused(port: int, header: bytes) -> bytes:
+    """A well-formed WebSocket handshake with one more header, refused for it."""
+    return (
+        failed_handshake(port)[:-2]
+        + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        + (header + b"\r\n\r\n")
+    )
+
+
 def unknown_path(port: int, n: int) -> bytes:
     head = f"GET /nothing-{n:06d} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
     return (head + "Connection: close\r\n\r\n").encode()
@@ -73,6 +82,10 @@ async def test_refused_requests_leave_no_memory_behind(server: ServerProc) -> No
     assert set(statuses) == {400}, set(statuses)
     statuses = await hammer(port, [unknown_path(port, n) for n in range(2000, 12_000)])
     assert set(statuses) == {404}, set(statuses)
+    statuses = await hammer(port, [refused(port, b"Origin: http://evil.example")] * 5000)
+    assert set(statuses) == {403}, set(statuses)
+    statuses = await hammer(port, [refused(port, b"Authorization: Basic eDp5")] * 5000)
+    assert set(statuses) == {401}, set(statuses)
     await asyncio.sleep(0.5)
     grown = rss(pid) - before
     assert grown < 10 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
@@ -465,3 +478,26 @@ async def test_requests_past_the_budget_get_rate_limited(server: ServerProc) -> 
     assert sum(codes.values()) == 2300
     await asyncio.sleep(1)  # the budget refills; the connection is still open
     assert (await ask(web, 'WEB:get_runners:{"req": "after"}')).COMMAND == "runners"
+
+
+async def test_keepalive_closes_a_reader_that_never_answers_pings(
+    server_factory: ServerFactory,
+) -> None:
+    # Frames go out past the library's own send path; its pings must too.
+    server = server_factory("--ping-interval", "1")
+    api = await peer(server.url)
+    build = await submit(api)
+    r = await runner(server.url)
+    await recv(r)
+    silent = RawClient(server.port)  # reads every frame, never answers a ping
+    silent.send_frame(f'WEB:subscribe:{{"build": "{build}", "from": 0}}'.encode())
+    silent.sock.settimeout(15)
+    reading = asyncio.create_task(asyncio.to_thread(silent.frames))
+    started = time.monotonic()
+    while not reading.done() and time.monotonic() - started < 15:
+        await r.send("RUNNER:process:" + json.dumps({"finished": False, "log": "x" * 1000}))
+        await asyncio.sleep(0.02)
+    frames = await reading
+    assert time.monotonic() - started < 1 + 1 + 2  # ping interval, pong timeout, slack
+    assert any(opcode == 9 for opcode, _ in frames)  # the pings came
+    assert sum(1 for opcode, _ in frames if opcode == 1) > 10  # among the log frames
