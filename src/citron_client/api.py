@@ -170,9 +170,17 @@ class Client:
         return reply.build
 
     async def runners(self) -> tuple[RunnerInfo, ...]:
-        reply = await self._request(GetRunners(role=self.role))
-        assert isinstance(reply, Runners)
-        return reply.runners
+        """Every registered runner: a reply the server cut (``more``) is
+        followed by further pages."""
+        out: list[RunnerInfo] = []
+        after: str | None = None
+        while True:
+            reply = await self._request(GetRunners(role=self.role, after=after))
+            assert isinstance(reply, Runners)
+            out.extend(reply.runners)
+            if not reply.more or not reply.runners:
+                return tuple(out)
+            after = reply.runners[-1].id
 
     async def builds(
         self, state: BuildState | None = None, limit: int = 50, before: str | None = None

@@ -269,7 +269,9 @@ _STRUCTURE[RunnerChange] = lambda d: RunnerChange(
     gone=d.get("gone", False),
 )
 _STRUCTURE[Runners] = lambda d: Runners(
-    runners=_structure_list(_require(d, "runners"), RunnerInfo, "runners"), req=d.get("req")
+    runners=_structure_list(_require(d, "runners"), RunnerInfo, "runners"),
+    req=d.get("req"),
+    more=d.get("more", False),
 )
 _STRUCTURE[Builds] = lambda d: Builds(
     builds=_structure_list(_require(d, "builds"), BuildInfo, "builds"),
@@ -296,7 +298,11 @@ _UNSTRUCTURE[RunnerChange] = lambda m: (
     {**converter.unstructure(m.runner), "gone": True} if m.gone else converter.unstructure(m.runner)
 )
 _UNSTRUCTURE[Runners] = lambda m: _with_req(
-    {"runners": [converter.unstructure(r) for r in m.runners]}, m.req
+    {
+        "runners": [converter.unstructure(r) for r in m.runners],
+        **({"more": True} if m.more else {}),
+    },
+    m.req,
 )
 _UNSTRUCTURE[Builds] = lambda m: _with_req(
     {"builds": [converter.unstructure(b) for b in m.builds], **({"more": True} if m.more else {})},

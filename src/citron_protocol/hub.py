@@ -1107,8 +1107,26 @@ class Hub:
         self._send(c.id, BuildReply(build=build.info(), req=msg.req))
 
     def _on_get_runners(self, c: _Conn, msg: GetRunners) -> None:
-        runners = tuple(r.info() for r in self._runners.values() if r.state is not None)
-        self._send(c.id, Runners(runners=runners, req=msg.req))
+        registered = [r for r in self._runners.values() if r.state is not None]
+        if msg.after is not None:
+            after = msg.after
+            registered = sorted((r for r in registered if r.id > after), key=lambda r: r.id)
+        infos = [r.info() for r in registered]
+        sizes = [_utf8_size(encode(Runners(runners=(info,)))) for info in infos]
+        if sum(sizes) <= self.config.max_reply_bytes:
+            self._send(c.id, Runners(runners=tuple(infos), req=msg.req))
+            return
+        # Too many for one reply: pages in id order, so that a page's last
+        # id marks where the next begins whoever comes and goes meanwhile.
+        ordered = sorted(zip(infos, sizes, strict=True), key=lambda pair: pair[0].id)
+        out: list[RunnerInfo] = []
+        total = 0
+        for info, size in ordered:
+            total += size
+            if out and total > self.config.max_reply_bytes:
+                break
+            out.append(info)
+        self._send(c.id, Runners(runners=tuple(out), req=msg.req, more=True))
 
     def _on_get_builds(self, c: _Conn, msg: GetBuilds) -> None:
         builds = list(self._builds.values())

@@ -513,13 +513,16 @@ class CancelBuild:
 
 @attrs.frozen(kw_only=True)
 class GetRunners:
-    """``get_runners``: list the registered runners. Answered by ``runners:``."""
+    """``get_runners``: list the registered runners. Answered by ``runners:``.
+    ``after``: only runners whose id sorts after it (the next page of a
+    reply that said ``more``)."""
 
     COMMAND: ClassVar[str] = "get_runners"
     ROLES: ClassVar[frozenset[Role]] = _API_WEB
 
     role: Role = attrs.field(validator=_role(_API_WEB))
     req: str | None = _REQ
+    after: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
 
 
 @attrs.frozen(kw_only=True)
@@ -653,7 +656,10 @@ class BuildReply:
 
 @attrs.frozen(kw_only=True)
 class Runners:
-    """``runners``: reply to ``get_runners``."""
+    """``runners``: reply to ``get_runners``. ``more``: the reply was cut
+    to stay within the server's reply size; it then lists runners in id
+    order, and ``get_runners`` with ``after`` set to the last id gives the
+    next page."""
 
     COMMAND: ClassVar[str] = "runners"
 
@@ -661,6 +667,7 @@ class Runners:
         converter=_to_tuple, validator=_tuple_of(RunnerInfo)
     )
     req: str | None = _REQ
+    more: bool = attrs.field(default=False, validator=_boolean)
 
 
 @attrs.frozen(kw_only=True)

@@ -158,7 +158,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         req=_reqs,
     ),
     CancelBuild: st.builds(CancelBuild, build=_names, req=_reqs),
-    GetRunners: st.builds(GetRunners, role=_api_web, req=_reqs),
+    GetRunners: st.builds(GetRunners, role=_api_web, req=_reqs, after=_opt_names),
     GetBuilds: st.builds(
         GetBuilds,
         role=_api_web,
@@ -191,7 +191,12 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
     Shutdown: st.just(Shutdown()),
     Queued: st.builds(Queued, build=_names, req=_reqs),
     BuildReply: st.builds(BuildReply, build=_build_infos, req=_reqs),
-    Runners: st.builds(Runners, runners=st.lists(_runner_infos, max_size=3).map(tuple), req=_reqs),
+    Runners: st.builds(
+        Runners,
+        runners=st.lists(_runner_infos, max_size=3).map(tuple),
+        req=_reqs,
+        more=st.booleans(),
+    ),
     Builds: st.builds(
         Builds,
         builds=st.lists(_build_infos, max_size=3).map(tuple),

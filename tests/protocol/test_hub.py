@@ -1131,3 +1131,25 @@ def test_the_request_budget() -> None:
     for i in range(50):
         assert h.send(r, f'RUNNER:process:{{"finished": false, "log": "l{i}"}}') == []
     assert len(h.log_of(build)) == 50
+
+
+def test_get_runners_pages_past_the_reply_size() -> None:
+    h = Harness(HubConfig(max_reply_bytes=2000))
+    names = {}
+    for i in range(40):
+        r = h.connect([Role.RUNNER])
+        (ready,) = h.send(r, f'RUNNER:init:{{"type": "t", "name": "{"n" * 100}{i}"}}')
+        names[ready.runner] = i
+    web = h.connect([Role.WEB])
+    (reply,) = h.send(web, 'WEB:get_runners:{"req": "p"}')
+    assert reply.more and 1 <= len(reply.runners) < 40
+    seen = [r.id for r in reply.runners]
+    while reply.more:
+        (reply,) = h.send(web, f'WEB:get_runners:{{"after": "{seen[-1]}"}}')
+        seen += [r.id for r in reply.runners]
+    assert seen == sorted(names)  # each exactly once, in id order
+    small = Harness()
+    for _ in range(3):
+        small.runner()
+    (reply,) = small.send(small.connect([Role.WEB]), "WEB:get_runners:")
+    assert not reply.more and len(reply.runners) == 3
