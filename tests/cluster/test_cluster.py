@@ -455,12 +455,4 @@ async def test_an_8_mib_log_replays_whole_on_redis_after_a_restart(
         assert await asyncio.to_thread(node.terminate) == 0
     for node in cluster.nodes:
         await asyncio.to_thread(node.restart)
-    web = await peer(reader.url)
-    await web.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
-    assert (await recv(web)).COMMAND == "subscribed"
-    got = await follow(web, build, timeout=60)
-    assert [seq for seq, _ in got] == list(range(1, len(chunks) + 1))
-    assert [text for _, text in got] == chunks
-    result = await asyncio.to_thread(citron, "logs", reader.url, build, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "".join(chunks)
+    await bounds.replays_whole(reader.url, build, chunks)
