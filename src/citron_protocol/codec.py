@@ -36,6 +36,7 @@ from .errors import (
 )
 from .messages import (
     MAX_INT,
+    MAX_NAME_BYTES,
     BuildInfo,
     BuildReply,
     Builds,
@@ -338,9 +339,11 @@ def _describe(exc: BaseException, path: str) -> list[str]:
 
 
 def _req_of(payload: object) -> str | None:
+    """A payload's ``req``, to echo: a string of at most ``MAX_NAME_BYTES``
+    (a longer one is refused, and not sent back)."""
     if isinstance(payload, dict):
         req = payload.get("req")
-        if isinstance(req, str):
+        if isinstance(req, str) and len(req.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
             return req
     return None
 

@@ -154,8 +154,9 @@ def _nonempty_text(_: object, a: attrs.Attribute[Any], value: object) -> None:
         raise FieldError(a.name, "must not contain a NUL character")
 
 
-#: UTF-8 bytes at most of a runner's ``type`` and ``name``: they are shown in
-#: every listing and on the live feed of every front.
+#: UTF-8 bytes at most of a runner's ``type`` and ``name`` (shown in every
+#: listing and on the live feed of every front) and of a request's ``req``
+#: (echoed in its reply).
 MAX_NAME_BYTES: Final = 256
 
 
@@ -333,7 +334,7 @@ def _to_dict(value: object) -> object:
 _API = frozenset({Role.API})
 _API_WEB = frozenset({Role.API, Role.WEB})
 _RUNNER = frozenset({Role.RUNNER})
-_REQ = attrs.field(default=None, validator=_opt_text)
+_REQ = attrs.field(default=None, validator=_opt_short_text)
 
 # -- shared objects -------------------------------------------------------------
 

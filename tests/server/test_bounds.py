@@ -14,6 +14,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from citron_protocol import decode_server
+
 from .. import procs
 from ..conftest import ServerFactory, ServerProc
 from ..peers import RawClient, ask, follow, peer, recv, runner, submit
@@ -507,3 +509,17 @@ async def test_keepalive_closes_a_reader_that_never_answers_pings(
     assert time.monotonic() - started < 1 + 1 + 2  # ping interval, pong timeout, slack
     assert any(opcode == 9 for opcode, _ in frames)  # the pings came
     assert sum(1 for opcode, _ in frames if opcode == 1) > 10  # among the log frames
+
+
+async def test_a_req_is_at_most_256_bytes_and_a_longer_one_is_not_echoed(
+    server: ServerProc,
+) -> None:
+    web = await peer(server.url)
+    reply = await ask(web, f'WEB:get_runners:{{"req": "{"é" * 128}"}}')  # 256 bytes
+    assert (reply.COMMAND, reply.req) == ("runners", "é" * 128)
+    long_req = "r" * (1024 * 1024 - 100)  # a reply that echoed it would be 1 MiB
+    await web.send(f'WEB:get_runners:{{"req": "{long_req}"}}')
+    text = await asyncio.wait_for(web.recv(), 5)
+    assert len(text) < 1000 and "$.req" in text
+    reply = decode_server(str(text))
+    assert (reply.COMMAND, reply.code, reply.req) == ("error", "invalid_payload", None)
