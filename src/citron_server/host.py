@@ -486,7 +486,10 @@ class Host:
             try:
                 await conn.peer.drain()  # pace the replay to the reader
             except Exception:  # noqa: BLE001 - the connection is going: the reader reports it
-                conn = None
+                # Not answered: an empty page would tell the hub the backlog
+                # is out. The disconnect drops the request.
+                log.debug("connection %s: replay stopped, the connection is going", load.conn)
+                return
         if conn is not None and not conn.gone:
             try:
                 chunks = list(
