@@ -384,8 +384,8 @@ async def test_citron_runner_backs_off_from_a_server_that_closes_after_ready() -
 
 
 def padded(size: int) -> str:
-    """A valid WEB frame of exactly ``size`` bytes."""
-    head, tail = 'WEB:get_runners:{"req": "', '"}'
+    """A valid WEB frame of exactly ``size`` bytes (unknown keys are ignored)."""
+    head, tail = 'WEB:get_runners:{"pad": "', '"}'
     return head + "r" * (size - len(head) - len(tail)) + tail
 
 
