@@ -221,7 +221,8 @@ async def idle(url: str, kind: str, connections: int) -> dict[str, Any]:
 # -- replay ------------------------------------------------------------------------------
 
 
-async def fill(url: str, n: int) -> dict[str, Any]:
+async def running_build(url: str) -> tuple[Any, Any, str]:
+    """A runner, a backend, and a build the runner is running."""
     runner = await ws_connect(url)
     await runner.send('RUNNER:init:{"type": "replay-bench", "protocol": 1}')
     await runner.recv()
@@ -229,6 +230,11 @@ async def fill(url: str, n: int) -> dict[str, Any]:
     await api.send('API:run:{"repo": "bench", "script": [], "type": "replay-bench"}')
     build = json.loads((await api.recv()).split(":", 1)[1])["build"]
     await runner.recv()
+    return runner, api, build
+
+
+async def fill(url: str, n: int) -> dict[str, Any]:
+    runner, api, build = await running_build(url)
     for i in range(n):
         await runner.send(FRAME)
         if i % 2000 == 0:
@@ -264,13 +270,7 @@ async def replay(url: str, build: str, n: int) -> float:
 
 async def fill_big(url: str, chunk: int, total: int) -> dict[str, Any]:
     """A build whose log is ``total`` bytes in chunks of ``chunk`` bytes."""
-    runner = await ws_connect(url)
-    await runner.send('RUNNER:init:{"type": "replay-bench", "protocol": 1}')
-    await runner.recv()
-    api = await ws_connect(url)
-    await api.send('API:run:{"repo": "bench", "script": [], "type": "replay-bench"}')
-    build = json.loads((await api.recv()).split(":", 1)[1])["build"]
-    await runner.recv()
+    runner, api, build = await running_build(url)
     n = total // chunk
     for i in range(n):
         text = f"{i:08d}" + "x" * (chunk - 9) + "\n"

@@ -178,9 +178,10 @@ class Client:
             reply = await self._request(GetRunners(role=self.role, after=after))
             assert isinstance(reply, Runners)
             out.extend(reply.runners)
-            if not reply.more or not reply.runners:
-                return tuple(out)
-            after = reply.runners[-1].id
+            last = reply.runners[-1].id if reply.runners else None
+            if not reply.more or last is None or (after is not None and last <= after):
+                return tuple(out)  # the end, or a cursor that does not move on
+            after = last
 
     async def builds(
         self, state: BuildState | None = None, limit: int = 50, before: str | None = None

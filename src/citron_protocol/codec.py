@@ -74,6 +74,7 @@ from .messages import (
     Unsubscribe,
     Unsubscribed,
     _RunnerLogSlots,
+    utf8_size,
 )
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "encode",
     "encode_log_chunk",
     "fast_runner_log",
+    "frame_head",
     "parse_client",
     "peek_req",
     "repair_legacy_payload",
@@ -343,7 +345,7 @@ def _req_of(payload: object) -> str | None:
     (a longer one is refused, and not sent back)."""
     if isinstance(payload, dict):
         req = payload.get("req")
-        if isinstance(req, str) and len(req.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
+        if isinstance(req, str) and utf8_size(req) <= MAX_NAME_BYTES:
             return req
     return None
 
@@ -541,6 +543,16 @@ def split_client(text: str) -> tuple[Role, str, str]:
     if found is None:
         raise UnknownRole(f"unknown role {role!r}; expected RUNNER, API or WEB")
     return found, command, payload
+
+
+def frame_head(text: str) -> str:
+    """What may be logged of a client frame: ``ROLE:command`` and its length,
+    never the payload (it may carry secrets). Never raises."""
+    try:
+        role, command, _ = split_client(text)
+    except ProtocolError:
+        return f"a malformed frame of {len(text)} characters"
+    return f"{role.value}:{command}, {len(text)} characters"
 
 
 def peek_req(payload: str) -> str | None:

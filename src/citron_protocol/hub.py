@@ -71,6 +71,7 @@ from .messages import (
     Subscribed,
     Unsubscribe,
     Unsubscribed,
+    utf8_size,
 )
 from .records import BuildRecord, LoadLog, LogRecord, Record
 from .states import BuildEvent, RunnerEvent, next_build_state, next_runner_state
@@ -202,10 +203,6 @@ class _Counter:
         return self.value
 
 
-def _utf8_size(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 class _Refusal(Exception):
     """Raised inside a handler; answered as ``error:`` at the entry point."""
 
@@ -241,7 +238,7 @@ class _Conn:
     errors: deque[float] = attrs.Factory(deque)
     closing: bool = False
     local: bool = True  # served by this hub's host (see Hub.connect)
-    tokens: float = -1.0  # the request budget left (-1: full, not yet used)
+    tokens: float = 0.0  # the request budget left (see Hub._spend)
     refilled: float = 0.0  # when ``tokens`` was last brought up to date
 
     @property
@@ -330,10 +327,6 @@ def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 # -- the hub ------------------------------------------------------------------------
 
 
@@ -410,7 +403,13 @@ class Hub:
         delivers to it.
         """
         self._now = now
-        self._conns[conn] = _Conn(id=conn, roles=frozenset(roles), local=local)
+        self._conns[conn] = _Conn(
+            id=conn,
+            roles=frozenset(roles),
+            local=local,
+            tokens=float(self.config.request_burst),
+            refilled=now,
+        )
         return self._flush()
 
     def receive(self, conn: ConnId, text: str, now: float) -> Effects:
@@ -460,7 +459,7 @@ class Hub:
                 getattr(message, "req", None),
             )
             return self._flush()
-        if isinstance(message, SubmitBuild) and _utf8_size(payload) > self.config.max_build_bytes:
+        if isinstance(message, SubmitBuild) and utf8_size(payload) > self.config.max_build_bytes:
             self._error(
                 c,
                 ErrorCode.TOO_LARGE,
@@ -535,7 +534,7 @@ class Hub:
                     break  # the page is full: the rest comes with the next one
                 frame = encode_log_chunk(sub.build.id, seq, text)
                 self._send_raw(conn, "log", frame)
-                sent += len(frame) if frame.isascii() else len(frame.encode())
+                sent += utf8_size(frame)
                 sub.after = seq
         if chunks and sub.after < sub.until:
             self._request_page(sub)
@@ -659,11 +658,8 @@ class Hub:
 
     def _spend(self, c: _Conn) -> bool:
         """Take one request from ``c``'s token bucket; False if it is empty."""
-        burst = float(self.config.request_burst)
-        if c.tokens < 0:
-            c.tokens = burst
-        else:
-            c.tokens = min(burst, c.tokens + (self._now - c.refilled) * self.config.request_rate)
+        refill = (self._now - c.refilled) * self.config.request_rate
+        c.tokens = min(float(self.config.request_burst), c.tokens + refill)
         c.refilled = self._now
         if c.tokens < 1:
             return False
@@ -737,7 +733,7 @@ class Hub:
         self, build: _Build, text: str, run_seq: int | None, *, live: bool = True
     ) -> None:
         seq = build.log_seq = build.log_seq + 1
-        size = _utf8_len(text)
+        size = utf8_size(text)
         build.log_bytes += size
         self.stats.log_bytes += size
         build_id = build.record.id
@@ -1002,7 +998,7 @@ class Hub:
         build.run_seq = run_seq
         if build.record.truncated:
             return
-        size = _utf8_len(msg.log)
+        size = utf8_size(msg.log)
         if build.log_bytes + size > self.config.log_cap:
             self._notice(build, f"log truncated: it reached the cap of {self.config.log_cap} bytes")
             self._save(build, truncated=True)
@@ -1031,7 +1027,7 @@ class Hub:
         bound = self.config.max_log_frame
         if 6 * len(text) + len(build_id) + 64 <= bound or len(text) < 2:
             return [text]  # the common case: no need to encode to know
-        if _utf8_size(encode_log_chunk(build_id, MAX_INT, text)) <= bound:
+        if utf8_size(encode_log_chunk(build_id, MAX_INT, text)) <= bound:
             return [text]
         half = len(text) // 2
         return self._pieces(build_id, text[:half]) + self._pieces(build_id, text[half:])
@@ -1112,17 +1108,16 @@ class Hub:
             after = msg.after
             registered = sorted((r for r in registered if r.id > after), key=lambda r: r.id)
         infos = [r.info() for r in registered]
-        sizes = [_utf8_size(encode(Runners(runners=(info,)))) for info in infos]
-        if sum(sizes) <= self.config.max_reply_bytes:
-            self._send(c.id, Runners(runners=tuple(infos), req=msg.req))
+        whole = encode(Runners(runners=tuple(infos), req=msg.req))
+        if utf8_size(whole) <= self.config.max_reply_bytes:  # one encoding, as a rule
+            self._send_raw(c.id, Runners.COMMAND, whole)
             return
         # Too many for one reply: pages in id order, so that a page's last
         # id marks where the next begins whoever comes and goes meanwhile.
-        ordered = sorted(zip(infos, sizes, strict=True), key=lambda pair: pair[0].id)
         out: list[RunnerInfo] = []
         total = 0
-        for info, size in ordered:
-            total += size
+        for info in sorted(infos, key=lambda info: info.id):
+            total += utf8_size(encode(Runners(runners=(info,))))
             if out and total > self.config.max_reply_bytes:
                 break
             out.append(info)
@@ -1141,7 +1136,7 @@ class Hub:
                 if len(out) == msg.limit:
                     break
                 info = build.info()
-                size += _utf8_size(encode(BuildReply(build=info)))
+                size += utf8_size(encode(BuildReply(build=info)))
                 if out and size > self.config.max_reply_bytes:
                     more = True  # the rest with before=out[-1].id
                     break

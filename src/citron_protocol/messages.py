@@ -79,6 +79,7 @@ __all__ = [
     "Subscribed",
     "Unsubscribe",
     "Unsubscribed",
+    "utf8_size",
 ]
 
 #: Largest integer a payload may carry (2**53, exact in every JSON parser).
@@ -160,8 +161,14 @@ def _nonempty_text(_: object, a: attrs.Attribute[Any], value: object) -> None:
 MAX_NAME_BYTES: Final = 256
 
 
+def utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 bytes, as every limit of the protocol
+    counts it (a lone surrogate counts 3)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _short(a: attrs.Attribute[Any], value: str) -> None:
-    size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    size = utf8_size(value)
     if size > MAX_NAME_BYTES:
         raise FieldError(a.name, f"must be at most {MAX_NAME_BYTES} bytes (UTF-8), got {size}")
 

@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import attrs
 
-from .messages import BuildState
+from .messages import BuildState, utf8_size
 
 __all__ = ["BuildRecord", "LoadLog", "LogRecord", "MemoryStore", "Record"]
 
@@ -154,7 +154,7 @@ def page_of(chunks: Iterable[tuple[int, str]], max_bytes: int) -> list[tuple[int
     out: list[tuple[int, str]] = []
     total = 0
     for seq, text in chunks:
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        size = utf8_size(text)
         if out and total + size > max_bytes:
             break
         out.append((seq, text))

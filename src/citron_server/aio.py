@@ -14,9 +14,10 @@ from aiohttp.base_protocol import BaseProtocol
 
 from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
-from .security import FULL, Gate, Refusal
+from .security import Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
+from .transport import HANDSHAKE_TIMEOUT, BaseTransport
 
 __all__ = ["AiohttpTransport"]
 
@@ -99,10 +100,6 @@ class _Peer:
 _pending: set[asyncio.Future[None]] = set()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-#: Seconds a TCP connection has to send its first request whole (the
-#: websockets transport has the same ``open_timeout``).
-HANDSHAKE_TIMEOUT = 10.0
 
 
 def _refused(refusal: Refusal) -> web.Response:
@@ -215,11 +212,16 @@ class _Site(web.BaseSite):
             return _Deadline(server(), self.deadline, self.waiting)
 
         self._server = await asyncio.get_running_loop().create_server(
-            protocol, self.host, self.port, ssl=self._ssl_context, reuse_address=True
+            protocol,
+            self.host,
+            self.port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self.deadline if self._ssl_context else None,
+            reuse_address=True,
         )
 
 
-class AiohttpTransport:
+class AiohttpTransport(BaseTransport):
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with aiohttp."""
 
     def __init__(
@@ -230,8 +232,7 @@ class AiohttpTransport:
         settings: Settings,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
-        self.tls = tls
+        super().__init__(host, gate, metrics, settings, tls)
         self._runner: web.AppRunner | None = None
         self._site: _Site | None = None
         self._waiting: dict[Any, _Deadline] = {}  # by transport: no request yet
@@ -302,7 +303,7 @@ class AiohttpTransport:
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         headers = request.headers
-        roles = self.gate.websocket(
+        roles = self.admit(
             host=headers.getall("Host", []),
             origin=headers.getall("Origin", []),
             authorization=headers.getall("Authorization", []),
@@ -310,8 +311,6 @@ class AiohttpTransport:
         )
         if isinstance(roles, Refusal):
             return _refused(roles)
-        if self.host.full:
-            return _refused(FULL)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.ping_interval,
             # aiohttp refuses a message of exactly max_msg_size bytes: one more,

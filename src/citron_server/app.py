@@ -43,8 +43,8 @@ async def serve(
     """Run the server until ``stop`` is set; raises StoreError if the database
     cannot be used, OSError if the address cannot be bound. ``tls``: the
     context of ``settings.tls_cert`` (made from it if not given)."""
-    if tls is None and settings.tls_cert is not None and settings.tls_key is not None:
-        tls = server_tls(settings.tls_cert, settings.tls_key)
+    if tls is None:
+        tls = _tls(settings)
     metrics = Metrics()
     hub_config = HubConfig(
         log_cap=settings.log_cap,
@@ -136,6 +136,13 @@ async def serve(
     await transport.close()
 
 
+def _tls(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of ``--tls-cert`` and ``--tls-key``; ConfigError if unusable."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return server_tls(settings.tls_cert, settings.tls_key)
+
+
 def all_loopback(addresses: Sequence[str]) -> bool:
     """Whether every listening address is a loopback one (and there is one)."""
     try:
@@ -159,11 +166,7 @@ def clear_text_warning(host: str, loopback: bool, tls: bool) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv, os.environ)
-        tls = (
-            server_tls(settings.tls_cert, settings.tls_key)
-            if settings.tls_cert is not None and settings.tls_key is not None
-            else None
-        )
+        tls = _tls(settings)  # a bad certificate is refused before anything starts
     except ConfigError as exc:
         print(f"citron-server: error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,17 @@ from typing import Protocol
 
 import attrs
 
-from citron_protocol import BuildRecord, CloseCode, Effects, Hub, HubConfig, LoadLog, Role
+from citron_protocol import (
+    BuildRecord,
+    CloseCode,
+    Effects,
+    Hub,
+    HubConfig,
+    LoadLog,
+    Role,
+    frame_head,
+    utf8_size,
+)
 
 from .store import Store, StoreError
 
@@ -112,11 +122,6 @@ class HostConfig:
     tick: float = 0.5  # how often the hub hears the time, at most
 
 
-def _size(text: str) -> int:
-    """The UTF-8 size of a frame's text."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 @attrs.define(eq=False)
 class Connection:
     """A connection's outbox.
@@ -153,7 +158,7 @@ class Connection:
         if not self.batch:
             self.host.dirty(self)
         self.batch.append(text)
-        self.batched += _size(text)
+        self.batched += utf8_size(text)
         if self.batched > self.host.config.max_buffer:  # the transport's part: at flush
             self._slow("over the buffer limit")
 
@@ -163,14 +168,14 @@ class Connection:
         if not batch or self.gone:
             return
         if not self.queue and self.peer.write_batch(batch):
-            self.written += sum(map(_size, batch))
+            self.written += sum(map(utf8_size, batch))
             if self.peer.buffered() > self.host.config.max_buffer:
                 self._slow("over the buffer limit")
             else:
                 self.host.backlogged(self)  # watched until the peer took it all
             return
         self.queue.extend(batch)
-        self.queued += sum(map(_size, batch))
+        self.queued += sum(map(utf8_size, batch))
         self.host.backlogged(self)
         self._wake_writer()
 
@@ -234,7 +239,7 @@ class Connection:
             while True:
                 while self.queue:
                     text = self.queue.popleft()
-                    size = _size(text)
+                    size = utf8_size(text)
                     self.queued -= size
                     self.written += size
                     await self.peer.send(text)
@@ -413,14 +418,7 @@ class Host:
         """The hub raised: log it with the frame, close that connection with
         1011, keep serving the others."""
         self.internal_errors += 1
-        # The frame's head only: its payload may carry secrets.
-        head = ":".join(text[:64].split(":", 2)[:2])
-        log.exception(
-            "connection %s: internal error on a frame (%r..., %d characters)",
-            conn.id,
-            head,
-            len(text),
-        )
+        log.exception("connection %s: internal error on a frame (%s)", conn.id, frame_head(text))
         conn.close(1011, "internal error")
 
     def closed(self, conn: Connection, code: int | None = None) -> None:

@@ -51,10 +51,6 @@ class Settings:
     metrics_token: str | None = None
 
     @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-    @property
     def loopback(self) -> bool:
         if self.host == "localhost":
             return True

@@ -19,15 +19,12 @@ from citron_protocol import Role
 
 from .host import Host, unsent_bytes
 from .metrics import CONTENT_TYPE, Metrics, health
-from .security import FULL, Gate, Refusal
+from .security import Gate, Refusal
 from .settings import Settings
 from .static import HEADERS, static_file
+from .transport import HANDSHAKE_TIMEOUT, BaseTransport
 
 __all__ = ["WebsocketsTransport"]
-
-
-#: Seconds a TCP connection has to complete its HTTP handshake.
-HANDSHAKE_TIMEOUT = 10.0
 
 
 class _Peer:
@@ -93,7 +90,7 @@ def _library_logger() -> logging.Logger:
     return logger
 
 
-class WebsocketsTransport:
+class WebsocketsTransport(BaseTransport):
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with websockets."""
 
     def __init__(
@@ -104,8 +101,7 @@ class WebsocketsTransport:
         settings: Settings,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
-        self.tls = tls
+        super().__init__(host, gate, metrics, settings, tls)
         # Weak: a handshake that fails after process_request (no
         # Sec-WebSocket-Key, say) never reaches the handler to pop its entry.
         self._roles: weakref.WeakKeyDictionary[ServerConnection, frozenset[Role]] = (
@@ -127,6 +123,7 @@ class WebsocketsTransport:
             server_header="citron",
             open_timeout=HANDSHAKE_TIMEOUT,  # the whole HTTP handshake, headers included
             ssl=self.tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls is not None else None,
             # Its own logger, never below WARNING: at DEBUG websockets logs
             # every frame and the handshake's headers (secrets, tokens), at
             # INFO each connection, which the host logs already.
@@ -169,7 +166,7 @@ class WebsocketsTransport:
             if found is not None:
                 return _response(200, found[0], found[1], HEADERS)
             return _response(404, b"not found\n", "text/plain; charset=utf-8")
-        roles = self.gate.websocket(
+        roles = self.admit(
             host=host,
             origin=headers.get_all("Origin"),
             authorization=headers.get_all("Authorization"),
@@ -177,8 +174,6 @@ class WebsocketsTransport:
         )
         if isinstance(roles, Refusal):
             return _refused(roles)
-        if self.host.full:
-            return _refused(FULL)
         self._roles[connection] = roles
         return None
 

@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import pickle
+import re
 import weakref
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from citron_protocol import (
     decode_server,
     encode,
     encode_log_chunk,
+    frame_head,
     peek_req,
     repair_legacy_payload,
 )
@@ -544,3 +546,17 @@ def test_a_legacy_frame_nested_deep_is_decoded_or_refused(depth: int) -> None:
         assert exc.code == "invalid_payload"
     else:
         assert message == RunnerLog(log="it's")
+
+
+@given(st.text(max_size=300))
+def test_frame_head_never_raises_nor_shows_the_payload(text: str) -> None:
+    # Only the role, the command and the length: nothing else of the frame.
+    assert re.fullmatch(
+        rf"[A-Z]+:[a-z_]+, {len(text)} characters|a malformed frame of {len(text)} characters",
+        frame_head(text),
+    )
+
+
+def test_frame_head_names_role_and_command() -> None:
+    assert frame_head('API:run:{"secrets": {"A": "hunter22"}}') == "API:run, 38 characters"
+    assert frame_head("junk") == "a malformed frame of 4 characters"

@@ -8,6 +8,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -179,3 +180,16 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
     cert, _ = make_cert(tmp_path)
     result = run_module("citron_server", "--tls-cert", str(cert), "--port", "0", cwd=tmp_path)
     assert result.returncode == 2 and "go together" in result.stderr
+
+
+async def test_a_tls_handshake_that_never_comes_is_cut(
+    tls_server: ServerProc, cert: tuple[Path, Path]
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", tls_server.port)
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), 30)  # sends nothing; the server ends it
+    assert data == b""
+    assert 9 <= time.monotonic() - started <= 10 + 2
+    writer.close()
+    status, _ = await asyncio.to_thread(https_get, tls_server.port, "/healthz", trusting(cert[0]))
+    assert status == 200
