@@ -7,10 +7,12 @@ loopback, prints its result as one JSON line.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -233,24 +235,33 @@ async def running_build(url: str) -> tuple[Any, Any, str]:
     return runner, api, build
 
 
-async def fill(url: str, n: int) -> dict[str, Any]:
+async def write_log(url: str, frames: Iterable[str], every: int) -> tuple[str, int]:
+    """A build whose runner sends ``frames`` (asking for the build every
+    ``every`` of them, to keep the server's inbox short) and succeeds, once
+    every chunk is stored: its id and its chunk count."""
     runner, api, build = await running_build(url)
-    for i in range(n):
-        await runner.send(FRAME)
-        if i % 2000 == 0:
+    n = 0
+    for n, frame in enumerate(frames, 1):
+        await runner.send(frame)
+        if n % every == 1:
             await api.send(f'API:get_build:{{"build": "{build}"}}')
             await api.recv()
     await runner.send('RUNNER:process:{"finished":true,"success":true}')
     while True:
         await api.send(f'API:get_build:{{"build": "{build}"}}')
         info = json.loads((await api.recv()).split(":", 1)[1])
-        if info["state"] == "success":
+        if info["state"] == "success" and info["log_seq"] == n:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # past a commit period
     await runner.close()
     await api.close()
-    return {"build": build, "log_seq": info["log_seq"]}
+    return build, n
+
+
+async def fill(url: str, n: int) -> dict[str, Any]:
+    build, log_seq = await write_log(url, itertools.repeat(FRAME, n), 2000)
+    return {"build": build, "log_seq": log_seq}
 
 
 async def replay(url: str, build: str, n: int) -> float:
@@ -270,23 +281,9 @@ async def replay(url: str, build: str, n: int) -> float:
 
 async def fill_big(url: str, chunk: int, total: int) -> dict[str, Any]:
     """A build whose log is ``total`` bytes in chunks of ``chunk`` bytes."""
-    runner, api, build = await running_build(url)
-    n = total // chunk
-    for i in range(n):
-        text = f"{i:08d}" + "x" * (chunk - 9) + "\n"
-        await runner.send("RUNNER:process:" + json.dumps({"finished": False, "log": text}))
-        if i % 64 == 0:  # keep the server's inbox short
-            await api.send(f'API:get_build:{{"build": "{build}"}}')
-            await api.recv()
-    await runner.send('RUNNER:process:{"finished":true,"success":true}')
-    while True:
-        await api.send(f'API:get_build:{{"build": "{build}"}}')
-        info = json.loads((await api.recv()).split(":", 1)[1])
-        if info["state"] == "success" and info["log_seq"] == n:
-            break
-        await asyncio.sleep(0.05)
-    await runner.close()
-    await api.close()
+    texts = (f"{i:08d}" + "x" * (chunk - 9) + "\n" for i in range(total // chunk))
+    frames = ("RUNNER:process:" + json.dumps({"finished": False, "log": t}) for t in texts)
+    build, n = await write_log(url, frames, 64)
     return {"build": build, "chunks": n}
 
 

@@ -12,10 +12,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.base_protocol import BaseProtocol
 
-from .host import Host, unsent_bytes
-from .metrics import CONTENT_TYPE, Metrics, health
-from .security import Gate, Refusal
-from .settings import Settings
+from .host import unsent_bytes
+from .metrics import CONTENT_TYPE, health
+from .security import Refusal
 from .static import HEADERS, static_file
 from .transport import HANDSHAKE_TIMEOUT, BaseTransport
 
@@ -224,20 +223,12 @@ class _Site(web.BaseSite):
 class AiohttpTransport(BaseTransport):
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with aiohttp."""
 
-    def __init__(
-        self,
-        host: Host,
-        gate: Gate,
-        metrics: Metrics,
-        settings: Settings,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        super().__init__(host, gate, metrics, settings, tls)
-        self._runner: web.AppRunner | None = None
-        self._site: _Site | None = None
-        self._waiting: dict[Any, _Deadline] = {}  # by transport: no request yet
+    _runner: web.AppRunner | None = None
+    _site: _Site | None = None
+    _waiting: dict[Any, _Deadline]  # by transport: connections with no request yet
 
     async def start(self) -> int:
+        self._waiting = {}
         # aiohttp's loggers never below INFO: nothing they log at DEBUG is
         # needed, and headers must not reach the log.
         logger = logging.getLogger("aiohttp")

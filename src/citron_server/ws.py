@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import weakref
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -17,10 +16,9 @@ from websockets.protocol import State
 
 from citron_protocol import Role
 
-from .host import Host, unsent_bytes
-from .metrics import CONTENT_TYPE, Metrics, health
-from .security import Gate, Refusal
-from .settings import Settings
+from .host import unsent_bytes
+from .metrics import CONTENT_TYPE, health
+from .security import Refusal
 from .static import HEADERS, static_file
 from .transport import HANDSHAKE_TIMEOUT, BaseTransport
 
@@ -93,23 +91,14 @@ def _library_logger() -> logging.Logger:
 class WebsocketsTransport(BaseTransport):
     """Serves ``/ws``, ``/healthz`` and ``/metrics`` with websockets."""
 
-    def __init__(
-        self,
-        host: Host,
-        gate: Gate,
-        metrics: Metrics,
-        settings: Settings,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        super().__init__(host, gate, metrics, settings, tls)
-        # Weak: a handshake that fails after process_request (no
-        # Sec-WebSocket-Key, say) never reaches the handler to pop its entry.
-        self._roles: weakref.WeakKeyDictionary[ServerConnection, frozenset[Role]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._server: Server | None = None
+    _server: Server | None = None
+    # The roles of each accepted handshake, until its handler takes them.
+    # Weak: a handshake that fails after process_request (no
+    # Sec-WebSocket-Key, say) never reaches the handler to pop its entry.
+    _roles: weakref.WeakKeyDictionary[ServerConnection, frozenset[Role]]
 
     async def start(self) -> int:
+        self._roles = weakref.WeakKeyDictionary()
         s = self.settings
         self._server = await serve(
             self._handler,
