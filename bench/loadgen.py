@@ -308,8 +308,75 @@ async def replay_bytes(url: str, build: str, n: int, kind: str) -> float:
     return size / elapsed / 1e6
 
 
+async def builds(url: str, n: int, runners: int) -> dict[str, Any]:
+    """Run ``n`` one-line builds through ``runners`` runners: the backend
+    keeps up to 200 queued, each runner finishes what it is given."""
+    api = await ws_connect(url)
+    done = asyncio.Event()
+    finished = 0
+
+    async def work() -> None:
+        nonlocal finished
+        ws = await ws_connect(url)
+        await ws.send('RUNNER:init:{"type": "simple", "protocol": 1}')
+        async for text in ws:
+            if text.startswith("run:"):
+                await ws.send('RUNNER:process:{"finished": false, "log": "ok\\n"}')
+                await ws.send('RUNNER:process:{"finished": true, "success": true}')
+                finished += 1
+                if finished >= n:
+                    done.set()
+
+    tasks = [asyncio.create_task(work()) for _ in range(runners)]
+    started = time.perf_counter()
+    sent = 0
+    while sent < n:
+        if sent and sent % 1000 == 0:
+            # A connection's request budget allows a burst of 2000, then
+            # 200 a second: a new backend connection now and then.
+            await api.close()
+            api = await ws_connect(url)
+        batch = min(200, n - sent)
+        for _ in range(batch):
+            await api.send('API:run:{"repo": "https://x/r.git", "script": ["make"]}')
+        for _ in range(batch):
+            reply = await api.recv()
+            assert isinstance(reply, str) and reply.startswith("queued:"), reply
+        sent += batch
+        while sent - finished > 400:
+            await asyncio.sleep(0.001)
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    for task in tasks:
+        task.cancel()
+    await api.close()
+    return {"rate": n / elapsed}
+
+
+async def pages(url: str, befores: list[str], limit: int) -> dict[str, Any]:
+    """Ask for a page of ``limit`` builds before each id in turn, one at a
+    time: the median time a page took, in seconds."""
+    ws = await ws_connect(url)
+    times = []
+    for before in befores:
+        extra = f', "before": "{before}"' if before else ""
+        started = time.perf_counter()
+        await ws.send(f'WEB:get_builds:{{"limit": {limit}{extra}}}')
+        reply = await ws.recv()
+        times.append(time.perf_counter() - started)
+        assert isinstance(reply, str) and reply.startswith("builds:"), reply[:200]
+        assert reply.count('"id"') == limit, reply[:200]
+    await ws.close()
+    times.sort()
+    return {"median": times[len(times) // 2]}
+
+
 async def main(spec: dict[str, Any]) -> Any:
     scenario = spec["scenario"]
+    if scenario == "builds":
+        return await builds(spec["url"], spec["builds"], spec.get("runners", 4))
+    if scenario == "pages":
+        return await pages(spec["url"], spec["befores"], spec.get("limit", 50))
     if scenario == "relay" and spec.get("front_url"):
         rate = await relay_citron(spec["url"], spec["readers"], spec["lines"], spec["front_url"])
         return {"rate": rate}

@@ -57,6 +57,8 @@ class Harness:
                 self.answer(load)
             else:
                 self.held_loads.append(load)
+        for find in fx.finds:
+            self.apply(self.hub.builds_found(find.request, self.store.find_builds(find), self.now))
 
     def answer(self, load: LoadLog) -> None:
         chunks = self.store.read_log(load.build, load.after, load.until, load.limit, load.max_bytes)
@@ -98,7 +100,11 @@ class Harness:
         """A new hub from what the store holds, as after a server restart."""
         self.hub = Hub(self.ids, self.config)
         self.inbox.clear()
-        self.apply(self.hub.restore(self.store.load_builds(), self.now))
+        self.apply(
+            self.hub.restore(
+                self.store.load_builds(), self.now, last_number=self.store.max_number()
+            )
+        )
 
     # -- shortcuts ----------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ Every error citron raises derives from :class:`CitronError`::
     │   ├── UnknownCommand       code ``unknown_command``
     │   ├── Forbidden            code ``forbidden``
     │   └── InvalidPayload       code ``invalid_payload``
-    └── UsageError               this side called the protocol out of order
-                                 (a local bug, never caused by a peer)
+    ├── UsageError               this side called the protocol out of order
+    │                            (a local bug, never caused by a peer)
+    └── SnapshotError            a hub snapshot is not one this version of
+                                 citron can load (format, version, content)
 
 The other codes of :class:`ErrorCode` (``unauthorized``, ``role_mismatch``,
 ``not_registered``, ...) depend on the state of a connection, so only the hub
@@ -30,6 +32,7 @@ __all__ = [
     "InvalidPayload",
     "MalformedFrame",
     "ProtocolError",
+    "SnapshotError",
     "UnknownCommand",
     "UnknownRole",
     "UsageError",
@@ -109,3 +112,9 @@ class InvalidPayload(ProtocolError):
 
 class UsageError(CitronError):
     """A method of a sans-IO state machine was called out of order."""
+
+
+class SnapshotError(CitronError):
+    """A hub snapshot was refused: another format or version, or content
+    that does not check out (see :meth:`Hub.from_snapshot
+    <citron_protocol.hub.Hub.from_snapshot>`)."""

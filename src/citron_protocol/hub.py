@@ -13,32 +13,39 @@ the host calls                              when
 ``disconnect(conn, now)``                   the connection is closed
 ``advance(now)``                            the clock reached ``next_deadline()``
 ``log_loaded(request, chunks, now)``        a :class:`LoadLog` was read
+``builds_found(request, records, now)``     a :class:`FindBuilds` was read
 ==========================================  ===================================
 
 Each call returns :class:`Effects`: frames to send (``sends``, in order),
-connections to close (``closes``), records to persist (``records``, in order)
-and logs to read (``loads``). The hub never reads a clock, never touches I/O and
-never raises on a peer's input: a bad frame is answered with ``error:``.
+connections to close (``closes``), records to persist (``records``, in order),
+logs to read (``loads``) and stored builds to find (``finds``). The hub
+never reads a clock, never touches I/O and never raises on a peer's input: a
+bad frame is answered with ``error:``.
 
 Ids and secrets come from an :class:`IdSource` the host passes in. The hub keeps
-the state it decides on in memory and persists it through records; it can be
-rebuilt from them with :meth:`Hub.restore`.
+its working set in memory: connections, runners, the builds not finished, and
+the ``HubConfig.window`` most recent finished builds (by number). Every build
+is persisted through records; a request about an older build is answered from
+the store (:class:`FindBuilds`). A hub is rebuilt from the store's live builds
+with :meth:`Hub.restore`, and copied whole with :meth:`Hub.snapshot`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
-import pickle
+import json
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import attrs
+import cattrs
 
-from .codec import encode, encode_log_chunk, parse_client, peek_req, split_client
-from .errors import ErrorCode, ProtocolError, UsageError
+from .codec import decode_client, encode, encode_log_chunk, parse_client, peek_req, split_client
+from .errors import ErrorCode, ProtocolError, SnapshotError, UsageError
 from .messages import (
     MAX_INT,
     BuildInfo,
@@ -73,11 +80,12 @@ from .messages import (
     Unsubscribed,
     utf8_size,
 )
-from .records import BuildRecord, LoadLog, LogRecord, Record
+from .records import LIVE_STATES, BuildRecord, FindBuilds, LoadLog, LogRecord, Record
 from .states import BuildEvent, RunnerEvent, next_build_state, next_runner_state
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "SNAPSHOT_VERSION",
     "Close",
     "CloseCode",
     "CountingIds",
@@ -90,6 +98,9 @@ __all__ = [
 
 #: The protocol version this hub speaks (``ready``'s ``protocol``).
 PROTOCOL_VERSION: Final = 1
+#: The format version of :meth:`Hub.snapshot` (1 was a pickle, refused).
+SNAPSHOT_VERSION: Final = 2
+SNAPSHOT_FORMAT: Final = "citron-hub"
 
 ConnId = Hashable
 
@@ -125,6 +136,8 @@ class HubConfig:
     max_log_frame: int = 256 * 1024  # a log: frame at most; a longer chunk is stored in pieces
     request_rate: float = 200.0  # API and WEB requests per second and connection, sustained
     request_burst: int = 2000  # ... and at once (a token bucket)
+    window: int = 1000  # finished builds kept in memory (the newest by number)
+    retention: float | None = None  # seconds a finished build is kept; None: for ever
 
 
 class IdSource(Protocol):
@@ -166,17 +179,21 @@ class Effects:
     """What the host must do after a call, in this order: persist ``records``,
     send ``sends`` (``(conn, text)``, in order per connection), close
     ``closes`` after sending, drop the :class:`LoadLog` requests listed in
-    ``cancels`` (no longer wanted: their answer would be ignored) and answer
-    ``loads``."""
+    ``cancels`` (no longer wanted: their answer would be ignored), answer
+    ``loads`` and ``finds`` (after the records are written: the store must
+    see them)."""
 
     sends: list[tuple[ConnId, str]] = attrs.Factory(list)
     closes: list[Close] = attrs.Factory(list)
     records: list[Record] = attrs.Factory(list)
     loads: list[LoadLog] = attrs.Factory(list)
     cancels: list[int] = attrs.Factory(list)
+    finds: list[FindBuilds] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
-        return bool(self.sends or self.closes or self.records or self.loads or self.cancels)
+        return bool(
+            self.sends or self.closes or self.records or self.loads or self.cancels or self.finds
+        )
 
 
 @attrs.define
@@ -188,10 +205,11 @@ class HubStats:
     frames_out: dict[tuple[str, str], int] = attrs.Factory(dict)
     errors: dict[str, int] = attrs.Factory(dict)
     log_bytes: int = 0
+    finished: dict[str, int] = attrs.Factory(dict)  # builds that ended, by state
 
 
 class _Counter:
-    """1, 2, 3, ...: ``itertools.count`` that can be pickled on every Python."""
+    """1, 2, 3, ...: ``itertools.count`` whose value can be read and set."""
 
     __slots__ = ("value",)
 
@@ -210,6 +228,37 @@ class _Refusal(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _Ask(Exception):
+    """Raised inside a handler, before it changed anything, when the answer
+    needs builds that only the store holds: the entry point emits
+    :class:`FindBuilds`, and the handler runs again with the store's
+    answer (:meth:`Hub.builds_found`)."""
+
+    def __init__(
+        self,
+        *,
+        build: str | None = None,
+        before: int | None = None,
+        state: BuildState | None = None,
+        limit: int = 1,
+    ) -> None:
+        super().__init__(build)
+        self.build, self.before, self.state, self.limit = build, before, state, limit
+
+
+@attrs.define(eq=False)
+class _Query:
+    """A request waiting for the store: what it asked and was answered."""
+
+    conn: _Conn
+    message: Any
+    found: dict[str, BuildRecord | None] = attrs.Factory(dict)  # by id
+    listing: list[BuildRecord] | None = None
+    asked: _Ask | None = None
+    evictions: int = 0  # the hub's eviction count when the listing was read
+    rounds: int = 0
 
 
 # -- the hub's own state ----------------------------------------------------------
@@ -273,6 +322,7 @@ class _Build:
     runner: _Runner | None = None  # the registration running it, if connected
     subs: dict[ConnId, _Sub] = attrs.Factory(dict)
     queue_order: int = 0
+    windowed: bool = False  # finished, and counted in the hub's window
     secrets: dict[str, str] | None = None  # never persisted
     # Counters that change with every chunk, kept out of the frozen record.
     log_seq: int = 0
@@ -327,6 +377,94 @@ def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# -- the snapshot's content --------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class _ConnState:
+    id: Any  # str, int, or a list of them (a tuple id)
+    roles: list[str]
+    role: str | None
+    errors: list[float]
+    closing: bool
+    tokens: float
+    refilled: float
+
+
+@attrs.frozen(kw_only=True)
+class _RunnerStateRecord:
+    id: str
+    conn: Any
+    init: str  # its RUNNER:init frame
+    session: str
+    state: str | None
+
+
+@attrs.frozen(kw_only=True)
+class _BuildState:
+    record: BuildRecord
+    runner: str | None
+    queue_order: int
+    secrets: dict[str, str] | None
+    log_seq: int
+    log_bytes: int
+    run_seq: int
+
+
+@attrs.frozen(kw_only=True)
+class _HubState:
+    now: float
+    counter: int
+    number: int
+    evicted: int
+    evictions: int
+    next_expiry: float
+    conns: list[_ConnState]
+    runners: list[_RunnerStateRecord]
+    waiting: list[str]  # waiting runners, longest first
+    builds: list[_BuildState]
+    deadlines: dict[str, float]
+
+
+_snapshot_converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _strict(kind: type[Any]) -> Callable[[Any, Any], Any]:
+    """Take a JSON value only of exactly ``kind`` (cattrs would convert)."""
+
+    def structure(value: Any, _: Any) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise TypeError(f"{value!r} is not a {kind.__name__}")
+        return value
+
+    return structure
+
+
+for _kind in (str, int, float, bool):
+    _snapshot_converter.register_structure_hook(_kind, _strict(_kind))
+_snapshot_converter.register_structure_hook(Any, lambda value, _: value)
+_snapshot_converter.register_structure_hook(BuildState, lambda value, _: BuildState(value))
+
+
+def _check_conn_id(value: Any) -> None:
+    if isinstance(value, tuple):
+        for item in value:
+            _check_conn_id(item)
+    elif type(value) not in (str, int):
+        raise UsageError(f"connection id {value!r}: a snapshot takes str, int or tuples of them")
+
+
+def _conn_id_of(value: Any) -> ConnId:
+    """A connection id from JSON: lists were tuples."""
+    if isinstance(value, list):
+        return tuple(_conn_id_of(item) for item in value)
+    if type(value) not in (str, int):
+        raise SnapshotError(f"hub snapshot content does not check out: connection id {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
 # -- the hub ------------------------------------------------------------------------
 
 
@@ -349,9 +487,17 @@ class Hub:
         self._waiting_typed: dict[str, dict[str, _Runner]] = {}
         self._deadlines: dict[str, float] = {}  # build id -> grace or cancel deadline
         self._loads: dict[int, _Sub] = {}
+        self._queries: dict[int, _Query] = {}  # waiting for the store
+        self._query: _Query | None = None  # the one being answered
         self._counter = _Counter()
         self._requests = _Counter()  # apart: loads are local to a host
         self._number = 0
+        # The window: finished builds in memory, a min-heap by number.
+        self._window: list[tuple[int, str]] = []
+        self._finishing: list[_Build] = []  # finished in this call: to the window
+        self._evicted = 0  # the highest number of a build no longer in memory
+        self._evictions = 0  # how many builds left memory, ever
+        self._next_expiry = 0.0  # when advance() next looks for expired builds
         self._handlers = self._make_handlers()
 
     def _make_handlers(self) -> dict[type[Any], Callable[[_Conn, Any], None]]:
@@ -371,18 +517,28 @@ class Hub:
 
     # -- inputs ----------------------------------------------------------------
 
-    def restore(self, records: Iterable[BuildRecord], now: float) -> Effects:
+    def restore(
+        self, records: Iterable[BuildRecord], now: float, *, last_number: int = 0
+    ) -> Effects:
         """Rebuild from persisted builds, oldest first, before any connection.
 
-        Queued builds are queued again; running and cancelling builds wait the
-        lost-grace period for their runner to resume.
+        ``records`` are the builds not finished (finished ones given too go
+        to the window); ``last_number`` is the highest build number in the
+        store, so that numbers go on from it and requests about builds not
+        given here are asked of the store. Queued builds are queued again;
+        running and cancelling builds wait the lost-grace period for their
+        runner to resume.
         """
         self._now = now
+        self._number = max(self._number, last_number)
+        self._evicted = max(self._evicted, last_number)
         for record in records:
             build = _Build.of(record)
             self._builds[record.id] = build
             self._number = max(self._number, record.number)
-            if record.state is BuildState.QUEUED and record.secret_names:
+            if record.state.finished:
+                self._finishing.append(build)
+            elif record.state is BuildState.QUEUED and record.secret_names:
                 self._notice(build, "its secrets were lost in a server restart; submit it again")
                 self._transition(build, BuildEvent.LOSE)
             elif record.state is BuildState.QUEUED:
@@ -471,7 +627,74 @@ class Hub:
             self._handlers[type(message)](c, message)
         except _Refusal as refusal:
             self._error(c, refusal.code, refusal.message, getattr(message, "req", None))
+        except _Ask as ask:
+            self._ask(_Query(conn=c, message=message), ask)
         return self._flush()
+
+    def builds_found(
+        self,
+        request: int,
+        records: Sequence[BuildRecord] | None,
+        now: float,
+        *,
+        failed: str | None = None,
+    ) -> Effects:
+        """The answer to :class:`FindBuilds` ``request`` (None: the build it
+        named is not stored); ``failed``: the store could not be read, and
+        the request is answered ``unavailable``. The request it served is
+        answered now; an error in that answer does not count toward the
+        connection's error window (every replica of a hub must count alike,
+        and only the host of the connection asks the store)."""
+        self._now = now
+        query = self._queries.pop(request, None)
+        if query is None:
+            return self._flush()
+        c = query.conn
+        if c.closing or self._conns.get(c.id) is not c:
+            return self._flush()  # gone meanwhile
+        if failed is not None:
+            req = getattr(query.message, "req", None)
+            self._error(
+                c, ErrorCode.UNAVAILABLE, f"the store cannot be read: {failed}", req, count=False
+            )
+            return self._flush()
+        asked = query.asked
+        assert asked is not None
+        if asked.build is not None:
+            query.found[asked.build] = records[0] if records else None
+        else:
+            query.listing = list(records or ())
+        self._query = query
+        try:
+            self._handlers[type(query.message)](c, query.message)
+        except _Refusal as refusal:
+            req = getattr(query.message, "req", None)
+            self._error(c, refusal.code, refusal.message, req, count=False)
+        except _Ask as ask:
+            self._ask(query, ask)
+        finally:
+            self._query = None
+        return self._flush()
+
+    def _ask(self, query: _Query, ask: _Ask) -> None:
+        """Ask the store for what a request needs (see :class:`_Ask`). Only
+        the connection's own host asks: another answers nothing for it."""
+        if not query.conn.local:
+            return
+        query.asked = ask
+        query.rounds += 1
+        request = next(self._requests)
+        self._queries[request] = query
+        self._fx.finds.append(
+            FindBuilds(
+                request=request,
+                conn=query.conn.id,
+                build=ask.build,
+                before=ask.before,
+                state=ask.state,
+                limit=ask.limit,
+            )
+        )
 
     def receive_binary(self, conn: ConnId, now: float) -> Effects:
         """A binary frame arrived on ``conn``: the protocol has none."""
@@ -488,6 +711,8 @@ class Hub:
         if c is None:
             return self._flush()
         self._feed.pop(conn, None)
+        for request in [r for r, q in self._queries.items() if q.conn is c]:
+            del self._queries[request]
         for sub in c.subs.values():
             sub.build.subs.pop(c.id, None)
             self._drop_page(sub)
@@ -513,11 +738,32 @@ class Hub:
                 BuildState.CANCELLING,
             ):
                 self._lose(build)
+        if self.config.retention is not None and now >= self._next_expiry:
+            self._next_expiry = now + 60
+            self._expire(now - self.config.retention)
         return self._flush()
 
     def next_deadline(self) -> float | None:
         """When ``advance`` next has work, or None."""
         return min(self._deadlines.values(), default=None)
+
+    def _expire(self, cutoff: float) -> None:
+        """Drop from the window the builds that finished before ``cutoff``:
+        the store deletes them (retention), the hub forgets them."""
+        old = {
+            build_id
+            for _, build_id in self._window
+            if (finished := self._builds[build_id].record.finished) is not None
+            and finished < cutoff
+        }
+        if not old:
+            return
+        self._window = [(n, b) for n, b in self._window if b not in old]
+        heapq.heapify(self._window)
+        for build_id in old:
+            build = self._builds.pop(build_id)
+            self._evicted = max(self._evicted, build.record.number)
+            self._evictions += 1
 
     def log_loaded(self, request: int, chunks: Sequence[tuple[int, str]], now: float) -> Effects:
         """The answer to :class:`LoadLog` ``request``: ``(seq, text)`` ascending."""
@@ -556,44 +802,209 @@ class Hub:
         :meth:`from_snapshot` and fed the same inputs after this point, a copy
         makes the same decisions as this hub.
 
-        It includes session secrets and the secrets of builds not finished
+        It is JSON (UTF-8): a format name and version, a SHA-256 digest of
+        the content, and the content (connections, runners, the builds in
+        memory, the queue and waiting order, deadlines, counters). It
+        includes session secrets and the secrets of builds not finished
         (the hub forgets them when a build ends): keep it where you keep the
-        hub's inputs. A restored copy has no subscriptions and no live feed:
-        they belong to the host whose connection they serve. The format is
-        this version of citron's; restore it with the same version.
+        hub's inputs. Subscriptions and the live feed are not in it: they
+        belong to the host whose connection they serve. Connection ids must
+        be strings, integers, or tuples of them.
         """
-        fx = self._fx
-        if fx:
+        if self._fx:
             raise UsageError("take a snapshot between calls, not inside one")
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        content = _snapshot_converter.unstructure(self._state())
+        body = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "version": SNAPSHOT_VERSION,
+                "sha256": hashlib.sha256(body.encode()).hexdigest(),
+                "hub": body,
+            }
+        ).encode()
 
     @classmethod
-    def from_snapshot(cls, data: bytes) -> Hub:
-        """A hub restored from :meth:`snapshot`, without subscriptions, every
-        connection in it served by another host (``local=False``); its
-        :class:`IdSource` is the one that was snapshotted (see :attr:`ids`)."""
-        hub = pickle.loads(data)
-        if not isinstance(hub, cls):
-            raise TypeError(f"not a snapshot of a {cls.__name__}")
-        for c in hub._conns.values():
-            c.subs.clear()
-            c.feed = False
-            c.local = False  # whoever restores it serves none of them yet
-        for b in hub._builds.values():
-            b.subs.clear()
-        hub._feed.clear()
-        hub._loads.clear()
-        hub.stats = HubStats()
+    def from_snapshot(cls, data: bytes, ids: IdSource, config: HubConfig | None = None) -> Hub:
+        """A hub restored from :meth:`snapshot`, taking its ids from ``ids``,
+        without subscriptions, every connection in it served by another host
+        (``local=False``).
+
+        Raises :class:`SnapshotError` (with a message that says what to do)
+        for anything else: not JSON, another format or version (a version 1
+        snapshot, a pickle, is never loaded: it could run code), a digest
+        that does not match, or content that does not check out (unknown
+        fields, wrong types, links to runners, builds or connections that
+        are not there). Loading a snapshot never runs code from it.
+        """
+        try:
+            outer = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise SnapshotError(
+                "not a citron hub snapshot (not JSON): a snapshot of citron before"
+                " 0.2 was a pickle, which this version never loads; delete it and"
+                " let a node of this version store a new one"
+            ) from None
+        if not isinstance(outer, dict) or outer.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError("not a citron hub snapshot (no format 'citron-hub')")
+        version = outer.get("version")
+        if version != SNAPSHOT_VERSION:
+            raise SnapshotError(
+                f"hub snapshot version {version!r}; this citron reads version"
+                f" {SNAPSHOT_VERSION}: every node must run the same version of citron"
+            )
+        body = outer.get("hub")
+        digest = outer.get("sha256")
+        if not isinstance(body, str) or not isinstance(digest, str):
+            raise SnapshotError("hub snapshot without content or digest")
+        if not hmac.compare_digest(hashlib.sha256(body.encode()).hexdigest(), digest):
+            raise SnapshotError("hub snapshot content does not match its digest: refused")
+        try:
+            state = _snapshot_converter.structure(json.loads(body), _HubState)
+        except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+            raise SnapshotError(f"hub snapshot content does not check out: {exc}") from None
+        hub = cls(ids, config)
+        hub._load_state(state)
         return hub
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_handlers")  # bound methods: made again on restore
-        return state
+    def _state(self) -> _HubState:
+        for c in self._conns.values():
+            _check_conn_id(c.id)
+        return _HubState(
+            now=self._now,
+            counter=self._counter.value,
+            number=self._number,
+            evicted=self._evicted,
+            evictions=self._evictions,
+            next_expiry=self._next_expiry,
+            conns=[
+                _ConnState(
+                    id=c.id,
+                    roles=sorted(r.value for r in c.roles),
+                    role=c.role.value if c.role else None,
+                    errors=list(c.errors),
+                    closing=c.closing,
+                    tokens=c.tokens,
+                    refilled=c.refilled,
+                )
+                for c in self._conns.values()
+            ],
+            runners=[
+                _RunnerStateRecord(
+                    id=r.id,
+                    conn=r.conn.id,
+                    init=encode(r.init),
+                    session=r.session,
+                    state=r.state.value if r.state else None,
+                )
+                for r in self._runners.values()
+            ],
+            waiting=list(self._waiting_any),
+            builds=[
+                _BuildState(
+                    record=b.record,
+                    runner=b.runner.id if b.runner else None,
+                    queue_order=b.queue_order,
+                    secrets=b.secrets,
+                    log_seq=b.log_seq,
+                    log_bytes=b.log_bytes,
+                    run_seq=b.run_seq,
+                )
+                for b in self._builds.values()
+            ],
+            deadlines=dict(self._deadlines),
+        )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._handlers = self._make_handlers()
+    def _load_state(self, state: _HubState) -> None:
+        """Rebuild from ``state``, checking every link; raises SnapshotError."""
+
+        def bad(why: str) -> SnapshotError:
+            return SnapshotError(f"hub snapshot content does not check out: {why}")
+
+        self._now = state.now
+        self._counter.value = state.counter
+        self._number = state.number
+        self._evicted = state.evicted
+        self._evictions = state.evictions
+        self._next_expiry = state.next_expiry
+        for cs in state.conns:
+            conn_id = _conn_id_of(cs.id)
+            if conn_id in self._conns:
+                raise bad(f"connection {cs.id!r} twice")
+            try:
+                roles = frozenset(Role(r) for r in cs.roles)
+                role = Role(cs.role) if cs.role is not None else None
+            except ValueError as exc:
+                raise bad(str(exc)) from None
+            self._conns[conn_id] = _Conn(
+                id=conn_id,
+                roles=roles,
+                role=role,
+                errors=deque(cs.errors),
+                closing=cs.closing,
+                local=False,  # whoever restores it serves none of them yet
+                tokens=cs.tokens,
+                refilled=cs.refilled,
+            )
+        for rs in state.runners:
+            conn = self._conns.get(_conn_id_of(rs.conn))
+            if conn is None or conn.runner is not None or rs.id in self._runners:
+                raise bad(f"runner {rs.id!r} and its connection")
+            try:
+                init = decode_client(rs.init)
+                runner_state = RunnerState(rs.state) if rs.state is not None else None
+            except (ProtocolError, ValueError) as exc:
+                raise bad(f"runner {rs.id!r}: {exc}") from None
+            if not isinstance(init, RunnerInit):
+                raise bad(f"runner {rs.id!r}: its init is not RUNNER:init")
+            runner = _Runner(id=rs.id, conn=conn, init=init, session=rs.session, state=runner_state)
+            conn.runner = runner
+            self._runners[rs.id] = runner
+        for bs in state.builds:
+            record = bs.record
+            if record.id in self._builds:
+                raise bad(f"build {record.id!r} twice")
+            build = _Build(
+                record=record,
+                queue_order=bs.queue_order,
+                secrets=bs.secrets,
+                log_seq=bs.log_seq,
+                log_bytes=bs.log_bytes,
+                run_seq=bs.run_seq,
+            )
+            if bs.runner is not None:
+                holder = self._runners.get(bs.runner)
+                if holder is None or holder.build is not None or record.state.finished:
+                    raise bad(f"build {record.id!r} and its runner {bs.runner!r}")
+                holder.build, build.runner = build, holder
+            self._builds[record.id] = build
+        for build in sorted(self._builds.values(), key=lambda b: b.record.number):
+            if build.state is BuildState.QUEUED:
+                t = build.record.type
+                queue = self._queue_any if t is None else self._queue_typed.setdefault(t, {})
+                queue[build.id] = build
+            elif build.state.finished:
+                build.windowed = True
+                heapq.heappush(self._window, (build.record.number, build.id))
+        for queue in (self._queue_any, *self._queue_typed.values()):
+            ordered = sorted(queue.values(), key=lambda b: b.queue_order)
+            queue.clear()
+            queue.update((b.id, b) for b in ordered)
+        self._builds = dict(sorted(self._builds.items(), key=lambda kv: kv[1].record.number))
+        for runner_id in state.waiting:
+            waiter = self._runners.get(runner_id)
+            if waiter is None or waiter.state is not RunnerState.WAITING:
+                raise bad(f"waiting runner {runner_id!r}")
+            self._waiting_any[runner_id] = waiter
+            self._waiting_typed.setdefault(waiter.init.type, {})[runner_id] = waiter
+        for runner in self._runners.values():
+            waiting = runner.state is RunnerState.WAITING
+            if waiting != (runner.id in self._waiting_any) or waiting == (runner.build is not None):
+                raise bad(f"runner {runner.id!r} is {runner.state} with build {runner.build}")
+        for build_id in state.deadlines:
+            if build_id not in self._builds:
+                raise bad(f"a deadline for build {build_id!r}, which is not there")
+        self._deadlines = dict(state.deadlines)
 
     @property
     def ids(self) -> IdSource:
@@ -616,7 +1027,9 @@ class Hub:
         return counts
 
     def build_counts(self) -> dict[str, int]:
-        """Builds by state."""
+        """Builds in memory by state: every build not finished, and the
+        finished ones of the window (see :attr:`HubStats.finished` for all
+        the builds that ended)."""
         counts = {s.value: 0 for s in BuildState}
         for b in self._builds.values():
             counts[b.state.value] += 1
@@ -634,8 +1047,40 @@ class Hub:
     # -- output helpers ---------------------------------------------------------------
 
     def _flush(self) -> Effects:
+        if self._finishing:
+            self._settle()
         fx, self._fx = self._fx, Effects()
+        for find in fx.finds:
+            query = self._queries.get(find.request)
+            if query is not None:
+                query.evictions = self._evictions  # the store reads after these
         return fx
+
+    def _settle(self) -> None:
+        """The builds that finished in this call join the window; the
+        oldest (by number) beyond ``window`` leave memory. Each leaves with
+        a final record if its log counters moved since the last one, so
+        that the store's copy is whole."""
+        finishing, self._finishing = self._finishing, []
+        for build in finishing:
+            if build.windowed or not build.state.finished:
+                continue  # requeued meanwhile, or counted already
+            if self._builds.get(build.id) is not build:
+                continue
+            build.windowed = True
+            heapq.heappush(self._window, (build.record.number, build.id))
+        while len(self._window) > self.config.window:
+            number, build_id = heapq.heappop(self._window)
+            build = self._builds.pop(build_id)
+            r = build.record
+            if (r.log_seq, r.log_bytes, r.run_seq) != (
+                build.log_seq,
+                build.log_bytes,
+                build.run_seq,
+            ):
+                self._save(build)
+            self._evicted = max(self._evicted, number)
+            self._evictions += 1
 
     def _count_out(self, conn: ConnId, command: str, n: int = 1) -> None:
         c = self._conns.get(conn)
@@ -666,11 +1111,19 @@ class Hub:
         c.tokens -= 1
         return True
 
-    def _error(self, c: _Conn, code: ErrorCode, message: str, req: str | None = None) -> None:
+    def _error(
+        self,
+        c: _Conn,
+        code: ErrorCode,
+        message: str,
+        req: str | None = None,
+        *,
+        count: bool = True,
+    ) -> None:
         if c.local:
             self.stats.errors[code.value] = self.stats.errors.get(code.value, 0) + 1
         self._send(c.id, Error(code=code.value, message=message, req=req))
-        if code is ErrorCode.RATE_LIMITED:
+        if code is ErrorCode.RATE_LIMITED or not count:
             return  # a limit, not a fault: the connection stays open
         window = c.errors
         window.append(self._now)
@@ -688,6 +1141,7 @@ class Hub:
             log_seq=build.log_seq,
             log_bytes=build.log_bytes,
             run_seq=build.run_seq,
+            revision=build.record.revision + 1,
         )
         self._fx.records.append(build.record)
 
@@ -721,6 +1175,8 @@ class Hub:
     def _transition(self, build: _Build, event: BuildEvent, **changes: Any) -> None:
         state = next_build_state(build.state, event)
         if state.finished:
+            self._finishing.append(build)
+            self.stats.finished[state.value] = self.stats.finished.get(state.value, 0) + 1
             changes.setdefault("finished", self._now)
             changes.setdefault("success", state is BuildState.SUCCESS)
             self._deadlines.pop(build.id, None)
@@ -1055,10 +1511,19 @@ class Hub:
         return new
 
     def _find(self, build_id: str) -> _Build:
+        """The build ``build_id``: in memory, or (once builds have left
+        memory) as the store has it; a stored build is finished for good."""
         build = self._builds.get(build_id)
-        if build is None:
-            raise _Refusal(ErrorCode.UNKNOWN_BUILD, f"no build {build_id!r}")
-        return build
+        if build is not None:
+            return build
+        if self._evicted:
+            query = self._query
+            if query is None or build_id not in query.found:
+                raise _Ask(build=build_id)
+            record = query.found[build_id]
+            if record is not None and record.id == build_id:
+                return _Build.of(record)
+        raise _Refusal(ErrorCode.UNKNOWN_BUILD, f"no build {build_id!r}")
 
     def _on_submit(self, c: _Conn, msg: SubmitBuild) -> None:
         self._number += 1
@@ -1074,6 +1539,7 @@ class Hub:
             timeout=msg.timeout,
             created=self._now,
             secret_names=tuple(sorted(msg.secrets or ())),
+            revision=1,
         )
         build = _Build.of(record, msg.secrets)
         self._builds[record.id] = build
@@ -1124,23 +1590,49 @@ class Hub:
         self._send(c.id, Runners(runners=tuple(out), req=msg.req, more=True))
 
     def _on_get_builds(self, c: _Conn, msg: GetBuilds) -> None:
-        builds = list(self._builds.values())
-        if msg.before is not None:
-            before = self._find(msg.before)
-            builds = [b for b in builds if b.record.number < before.record.number]
+        bound = None if msg.before is None else self._find(msg.before).record.number
+        builds: list[_Build] = []
+        for build in reversed(self._builds.values()):  # newest first: by number
+            if bound is not None and build.record.number >= bound:
+                continue
+            if msg.state is None or build.state is msg.state:
+                builds.append(build)
+                if len(builds) == msg.limit:
+                    break
+        # Memory holds every build not finished, and every build numbered
+        # above self._evicted: anything else may be in the store only.
+        complete = (
+            not self._evicted
+            or msg.state in LIVE_STATES
+            or (len(builds) == msg.limit and builds[-1].record.number > self._evicted)
+        )
+        if not complete:
+            query = self._query
+            if (
+                query is None
+                or query.listing is None
+                or (query.evictions != self._evictions and query.rounds < 4)
+            ):
+                # (Builds that left memory since the store was read may be
+                # in neither: read it again.)
+                raise _Ask(before=bound, state=msg.state, limit=msg.limit)
+            stored = [
+                _Build.of(r)
+                for r in query.listing
+                if r.id not in self._builds and (bound is None or r.number < bound)
+            ]
+            builds = sorted(builds + stored, key=lambda b: b.record.number, reverse=True)
+            del builds[msg.limit :]
         out: list[BuildInfo] = []
         size = 0
         more = False
-        for build in reversed(builds):
-            if msg.state is None or build.state is msg.state:
-                if len(out) == msg.limit:
-                    break
-                info = build.info()
-                size += utf8_size(encode(BuildReply(build=info)))
-                if out and size > self.config.max_reply_bytes:
-                    more = True  # the rest with before=out[-1].id
-                    break
-                out.append(info)
+        for build in builds:
+            info = build.info()
+            size += utf8_size(encode(BuildReply(build=info)))
+            if out and size > self.config.max_reply_bytes:
+                more = True  # the rest with before=out[-1].id
+                break
+            out.append(info)
         self._send(c.id, Builds(builds=tuple(out), req=msg.req, more=more))
 
     def _on_get_build(self, c: _Conn, msg: GetBuild) -> None:
@@ -1212,6 +1704,6 @@ class Hub:
             sub.build.subs.pop(c.id, None)
             self._drop_page(sub)
             last = sub.after
-        elif msg.build not in self._builds:
-            raise _Refusal(ErrorCode.UNKNOWN_BUILD, f"no build {msg.build!r}")
+        else:
+            self._find(msg.build)  # not followed: it must at least exist
         self._send(c.id, Unsubscribed(build=msg.build, from_=last, req=msg.req))

@@ -11,6 +11,11 @@ To replay a log, the hub emits :class:`LoadLog`; the host reads the chunks from
 its store (which must see every record handed to it before, committed or not)
 and answers with :meth:`Hub.log_loaded <citron_protocol.hub.Hub.log_loaded>`.
 
+The hub keeps only its working set in memory: the builds not finished and a
+window of the most recent finished ones. To answer a request about an older
+build, it emits :class:`FindBuilds`; the host asks its store and answers with
+:meth:`Hub.builds_found <citron_protocol.hub.Hub.builds_found>`.
+
 :class:`MemoryStore` is a complete store that keeps everything in memory: a
 reference for store authors and the store of in-memory hosts.
 """
@@ -23,7 +28,7 @@ import attrs
 
 from .messages import BuildState, utf8_size
 
-__all__ = ["BuildRecord", "LoadLog", "LogRecord", "MemoryStore", "Record"]
+__all__ = ["BuildRecord", "FindBuilds", "LoadLog", "LogRecord", "MemoryStore", "Record"]
 
 
 @attrs.frozen(kw_only=True)
@@ -35,7 +40,9 @@ class BuildRecord:
     the registration running the build, which a resume must present.
     ``run_seq`` is the last runner seq stored in the current attempt.
     ``secret_names`` names the build's secrets; their values are never
-    persisted, only kept in the hub's memory.
+    persisted, only kept in the hub's memory. ``revision`` counts the
+    records of this build (1 for the first): of two records of one build,
+    the higher revision is the newer, whoever writes them in which order.
     """
 
     id: str
@@ -59,6 +66,7 @@ class BuildRecord:
     truncated: bool = False
     session_hash: str | None = None
     secret_names: tuple[str, ...] = ()
+    revision: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +112,30 @@ class LoadLog:
     max_bytes: int = 256 * 1024
 
 
+@attrs.frozen(kw_only=True)
+class FindBuilds:
+    """A request to read stored builds, for a request of ``conn``:
+
+    - with ``build``: that build (a list of one, or None if it is not stored);
+    - else the newest ``limit`` stored builds whose ``number`` is below
+      ``before`` (any number when None) and, when ``state`` is given, in
+      that state; newest first.
+
+    Answer with ``hub.builds_found(request, records)``. Stored records may
+    include builds the hub still holds: it keeps its own, newer, copy.
+    """
+
+    request: int
+    conn: Hashable
+    build: str | None = None
+    before: int | None = None
+    state: BuildState | None = None
+    limit: int = 1
+
+
+LIVE_STATES = frozenset({BuildState.QUEUED, BuildState.RUNNING, BuildState.CANCELLING})
+
+
 @attrs.define
 class MemoryStore:
     """Applies records in memory and answers reads, as a store must."""
@@ -120,9 +152,11 @@ class MemoryStore:
                 self.logs.setdefault(record.build, []).append(record)
 
     def load_builds(self) -> list[BuildRecord]:
-        """Every build, oldest first, with its log counters from the chunks."""
+        """The builds not finished, oldest first, with their log counters
+        from the chunks: what a hub restarts with."""
         out = []
-        for record in sorted(self.builds.values(), key=lambda b: b.number):
+        live = (b for b in self.builds.values() if b.state in LIVE_STATES)
+        for record in sorted(live, key=lambda b: b.number):
             chunks = self.logs.get(record.id, [])
             run_seqs = [
                 c.run_seq for c in chunks if c.attempt == record.attempt and c.run_seq is not None
@@ -136,6 +170,37 @@ class MemoryStore:
                 )
             )
         return out
+
+    def max_number(self) -> int:
+        """The highest build ``number`` stored (0 if none)."""
+        return max((b.number for b in self.builds.values()), default=0)
+
+    def find_builds(self, query: FindBuilds) -> list[BuildRecord] | None:
+        """The answer to ``query`` (see :class:`FindBuilds`)."""
+        if query.build is not None:
+            record = self.builds.get(query.build)
+            return None if record is None else [record]
+        out = [
+            b
+            for b in self.builds.values()
+            if (query.before is None or b.number < query.before)
+            and (query.state is None or b.state is query.state)
+        ]
+        out.sort(key=lambda b: b.number, reverse=True)
+        return out[: query.limit]
+
+    def purge(self, finished_before: float, limit: int) -> list[str]:
+        """Delete up to ``limit`` finished builds that finished before
+        ``finished_before``, with their logs; their ids."""
+        old = [
+            b.id
+            for b in self.builds.values()
+            if b.finished is not None and b.finished < finished_before
+        ][:limit]
+        for build in old:
+            del self.builds[build]
+            self.logs.pop(build, None)
+        return old
 
     def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None

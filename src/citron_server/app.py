@@ -37,9 +37,7 @@ def _say(line: str) -> None:
     print(f"citron-server: {line}", flush=True)
 
 
-async def serve(
-    settings: Settings, stop: asyncio.Event, tls: ssl.SSLContext | None = None
-) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, tls: ssl.SSLContext | None = None) -> None:
     """Run the server until ``stop`` is set; raises StoreError if the database
     cannot be used, OSError if the address cannot be bound. ``tls``: the
     context of ``settings.tls_cert`` (made from it if not given)."""
@@ -51,6 +49,8 @@ async def serve(
         lost_grace=settings.lost_grace,
         retry_lost=settings.retry_lost,
         cancel_timeout=settings.cancel_timeout,
+        window=settings.window,
+        retention=None if settings.retention is None else settings.retention * 86400,
     )
     host_config = HostConfig(
         max_buffer=settings.max_buffer,

@@ -19,7 +19,11 @@ The design is state machine replication over one Redis stream:
   sends the frames for them and closes them. Log chunks go to one Redis
   stream per build, ``citron:log:<build>``, whose entry ids are ``0-<seq>``;
   every replica writes them and Redis keeps the first (the write is
-  idempotent), so no single node's death can leave a hole.
+  idempotent), so no single node's death can leave a hole. Build records go
+  to ``citron:build:<id>`` (kept only if newer, by ``revision``), indexed by
+  number (``citron:builds``, ``citron:state:<state>``) and by finishing time
+  (``citron:finished``): the builds that left the hub's memory are read
+  from there.
 - Each node holds a lease, ``citron:node:<id>``, that it renews; when a
   node's lease runs out, the surviving nodes append its death, and every
   replica closes that node's connections: its runners' builds wait the
@@ -47,17 +51,20 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
 import attrs
+import cattrs
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from citron_protocol import (
     BuildRecord,
     CloseCode,
+    FindBuilds,
     Hub,
     HubConfig,
     LogRecord,
     Record,
     Role,
+    SnapshotError,
     answer_unavailable,
 )
 
@@ -74,7 +81,7 @@ COMMANDS: Final = PREFIX + "cmd"
 CONFIG: Final = PREFIX + "config"
 SNAPSHOT: Final = PREFIX + "snapshot"
 SNAPSHOT_LOCK: Final = PREFIX + "snapshot-lock"
-SNAPSHOT_FORMAT: Final = "citron-hub-1"
+SNAPSHOT_FORMAT: Final = "citron-hub-2"  # the hub in it: JSON (hub.SNAPSHOT_VERSION)
 TRIMMED: Final = PREFIX + "trimmed"
 APPENDED: Final = PREFIX + "appended"  # node -> the number of its last batch appended
 READ_COUNT: Final = 1000  # entries per read
@@ -106,6 +113,39 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+
+
+_WRITE_BUILD = """
+local old = redis.call('HMGET', KEYS[1], 'v', 's')
+if old[1] and tonumber(old[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+if old[2] then
+  redis.call('ZREM', ARGV[7] .. old[2], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'r', ARGV[6], 'v', ARGV[2], 's', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZADD', ARGV[7] .. ARGV[3], ARGV[4], ARGV[1])
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+else
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 1
+"""
+BUILDS: Final = PREFIX + "builds"  # every build, by number
+FINISHED: Final = PREFIX + "finished"  # finished builds, by finishing time
+_converter = cattrs.Converter()
+
+
+def build_key(build: str) -> str:
+    """The Redis hash that holds a build's record."""
+    return f"{PREFIX}build:{build}"
+
+
+def state_key(state: str) -> str:
+    """The builds in ``state``, by number."""
+    return f"{PREFIX}state:{state}"
 
 
 def log_key(build: str) -> str:
@@ -196,6 +236,7 @@ class RedisStore:
         self.config = config
         self.redis = connect_redis(config.url)
         self._script = self.redis.register_script(_WRITE_CHUNKS)
+        self._build_script = self.redis.register_script(_WRITE_BUILD)
         self._pending: list[Record] = []
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -216,6 +257,64 @@ class RedisStore:
     async def load_builds(self) -> list[BuildRecord]:
         return []  # builds come from the command stream, not from a store
 
+    async def max_number(self) -> int:
+        await self._own_writes()
+        try:
+            top: Any = await self.redis.zrevrange(BUILDS, 0, 0, withscores=True)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return int(top[0][1]) if top else 0
+
+    async def _own_writes(self) -> None:
+        """Wait until this node's earlier writes are in Redis."""
+        target = self._queued
+        while self._written < target:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def find_builds(self, query: FindBuilds) -> list[BuildRecord] | None:
+        await self._own_writes()
+        try:
+            if query.build is not None:
+                text: Any = await self.redis.hget(build_key(query.build), "r")
+                return None if text is None else [_record(text)]
+            key = BUILDS if query.state is None else state_key(query.state.value)
+            top = "+inf" if query.before is None else f"({query.before}"
+            ids: Any = await self.redis.zrevrangebyscore(key, top, "-inf", start=0, num=query.limit)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for build in ids:
+                    pipe.hget(build_key(build), "r")
+                texts: Any = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return [_record(t) for t in texts if t is not None]  # (purged meanwhile: gone)
+
+    async def purge(self, finished_before: float, max_rows: int) -> int:
+        """Every node purges: deleting twice is harmless. A log goes with
+        UNLINK, which Redis frees in the background, however long it is."""
+        try:
+            ids: Any = await self.redis.zrangebyscore(
+                FINISHED, "-inf", f"({finished_before}", start=0, num=max(1, max_rows // 10)
+            )
+            if not ids:
+                return 0
+            states: Any
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for build in ids:
+                    pipe.hget(build_key(build), "s")
+                states = await pipe.execute()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for build, state in zip(ids, states, strict=True):
+                    pipe.unlink(log_key(build), build_key(build))
+                    pipe.zrem(BUILDS, build)
+                    pipe.zrem(FINISHED, build)
+                    if state is not None:
+                        pipe.zrem(state_key(state), build)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return len(ids)
+
     @property
     def error(self) -> str | None:
         return self._failure or self.outage
@@ -231,10 +330,7 @@ class RedisStore:
         """Chunks ``after < seq <= until``; waits for this node's own earlier
         writes. With ``max_bytes``, reads a few entries at a time and stops
         once the page is full."""
-        target = self._queued
-        while self._written < target:
-            self._progress.clear()
-            await self._progress.wait()
+        await self._own_writes()
         step = limit if max_bytes is None else min(limit, 16)
         out: list[tuple[int, str]] = []
         total = 0
@@ -299,18 +395,39 @@ class RedisStore:
         keys: list[str] = []
         args: list[Any] = []
         expire: list[str] = []
+        builds: list[BuildRecord] = []
         for record in batch:
             if isinstance(record, LogRecord):
                 keys.append(log_key(record.build))
                 args.extend((record.seq, record.log))
-            elif record.state.finished and self.config.log_retention is not None:
+                continue
+            builds.append(record)
+            if record.state.finished and self.config.log_retention is not None:
                 expire.append(log_key(record.id))
         async with self.redis.pipeline(transaction=False) as pipe:
             if keys:
                 await self._script(keys=keys, args=args, client=pipe)
+            for build in builds:
+                await self._build_script(
+                    keys=[build_key(build.id), BUILDS, FINISHED],
+                    args=[
+                        build.id,
+                        build.revision,
+                        build.state.value,
+                        build.number,
+                        "" if build.finished is None else repr(build.finished),
+                        json.dumps(_converter.unstructure(build)),
+                        state_key(""),
+                    ],
+                    client=pipe,
+                )
             for key in expire:
                 pipe.expire(key, max(1, round(self.config.log_retention or 0)))
             await pipe.execute()
+
+
+def _record(text: str) -> BuildRecord:
+    return _converter.structure(json.loads(text), BuildRecord)
 
 
 @attrs.define
@@ -517,6 +634,11 @@ class ClusterHost(Host):
                 self._unavailable(exc)
                 await backoff.sleep()
                 continue
+            except StoreError as exc:  # a snapshot this node refuses: say so, keep trying
+                self.internal_errors += 1
+                log.error("node %s: %s", self.node, exc)
+                await backoff.sleep()
+                continue
             except Exception:  # a snapshot this node cannot load: say so, keep trying
                 self.internal_errors += 1
                 log.exception("node %s cannot load the cluster's snapshot", self.node)
@@ -622,11 +744,12 @@ class ClusterHost(Host):
                 f"the cluster's snapshot is in format {data.get('format')!r}, this server reads"
                 f" {SNAPSHOT_FORMAT!r}: every node must run the same version of citron"
             )
-        hub = Hub.from_snapshot(zlib.decompress(base64.b64decode(data["hub"])))
-        ids = hub.ids
-        assert isinstance(ids, ReplicaIds)
-        hub.config = self.hub.config
-        self.hub, self.ids = hub, ids
+        try:
+            raw = zlib.decompress(base64.b64decode(data["hub"]))
+            hub = Hub.from_snapshot(raw, self.ids, self.hub.config)
+        except (KeyError, ValueError, zlib.error, SnapshotError) as exc:
+            raise StoreError(f"the cluster's snapshot cannot be loaded: {exc}") from None
+        self.hub = hub
         self._keys = json.loads(data["keys"])
         self._by_node = {node: set(conns) for node, conns in json.loads(data["nodes"]).items()}
         self.last = data["at"]

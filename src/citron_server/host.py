@@ -32,6 +32,7 @@ from citron_protocol import (
     BuildRecord,
     CloseCode,
     Effects,
+    FindBuilds,
     Hub,
     HubConfig,
     LoadLog,
@@ -120,6 +121,8 @@ class HostConfig:
     max_connections: int = 10_000  # open WebSockets; past it handshakes get 503
     abort_after: float = 1.5  # seconds from a 4008 to dropping the TCP connection
     tick: float = 0.5  # how often the hub hears the time, at most
+    purge_every: float = 600.0  # seconds between two retention passes
+    purge_rows: int = 2000  # rows deleted per step of a retention pass
 
 
 @attrs.define(eq=False)
@@ -288,10 +291,36 @@ class Host:
         """Open the store and rebuild the hub from it."""
         await self.store.open()
         builds = await self.store.load_builds()
-        self.apply(self.hub.restore(builds, self.now()))
+        last = await self.store.max_number()
+        self.apply(self.hub.restore(builds, self.now(), last_number=last))
         self._timer = asyncio.create_task(self._tick())
+        self._start_retention()
         self.started = True
-        log.info("restored %d builds", len(builds))
+        log.info(
+            "restored %d builds not finished (the newest stored is number %d)", len(builds), last
+        )
+
+    def _start_retention(self) -> None:
+        if self.hub.config.retention is not None:
+            task = asyncio.create_task(self._retention(self.hub.config.retention))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _retention(self, keep: float) -> None:
+        """Delete the builds that finished more than ``keep`` seconds ago, in
+        small steps (each a short job of the store's own thread), every
+        ``purge_every`` seconds."""
+        while True:
+            total = 0
+            try:
+                while deleted := await self.store.purge(self.now() - keep, self.config.purge_rows):
+                    total += deleted
+                    await asyncio.sleep(0)  # let the others in between two steps
+            except StoreError as exc:
+                log.error("retention: deleting old builds failed: %s", exc)
+            if total:
+                log.info("retention: old builds deleted (%d rows and pages)", total)
+            await asyncio.sleep(self.config.purge_every)
 
     async def shutdown(self) -> None:
         """Close every connection with 1001, then commit and close the store."""
@@ -360,9 +389,7 @@ class Host:
     def open(self, peer: Peer, roles: Iterable[Role]) -> Connection:
         conn = Connection(id=self._new_conn_id(), peer=peer, host=self)
         self.connections[conn.id] = conn
-        asyncio.get_running_loop().call_later(
-            self.config.init_timeout, self._first_frame_due, conn
-        )
+        asyncio.get_running_loop().call_later(self.config.init_timeout, self._first_frame_due, conn)
         roles = frozenset(roles)
         log.info("connection %s opened (roles %s)", conn.id, ",".join(sorted(roles)))
         self._hub_connect(conn, roles)
@@ -386,9 +413,7 @@ class Host:
         """A connection that sent nothing in ``init_timeout`` seconds: 1008."""
         if conn.heard or conn.gone or conn.closing is not None:
             return
-        log.info(
-            "connection %s: no frame within %g s, closing", conn.id, self.config.init_timeout
-        )
+        log.info("connection %s: no frame within %g s, closing", conn.id, self.config.init_timeout)
         conn.close(CloseCode.POLICY, "no frame in time")
         asyncio.get_running_loop().call_later(self.config.abort_after, conn.abort)
 
@@ -470,6 +495,20 @@ class Host:
             task = asyncio.create_task(self._load(load))
             self._loading[load.request] = task
             task.add_done_callback(functools.partial(self._loaded, load.request))
+        for find in fx.finds:
+            task = asyncio.create_task(self._find(find))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _find(self, find: FindBuilds) -> None:
+        """Read stored builds for a request and hand them to the hub."""
+        try:
+            records = await self.store.find_builds(find)
+        except StoreError as exc:
+            log.error("reading builds from the store failed: %s", exc)
+            self.apply(self.hub.builds_found(find.request, None, self.now(), failed=str(exc)))
+            return
+        self.apply(self.hub.builds_found(find.request, records, self.now()))
 
     def _loaded(self, request: int, task: asyncio.Task[None]) -> None:
         if self._loading.get(request) is task:

@@ -49,10 +49,20 @@ class _HubCollector(Collector):
         for code, n in stats.errors.items():
             errors.add_metric([code], n)
         yield errors
-        builds = GaugeMetricFamily("citron_builds", "Builds by state", labels=["state"])
+        builds = GaugeMetricFamily(
+            "citron_builds",
+            "Builds in memory by state: all not finished, and the newest finished (--window)",
+            labels=["state"],
+        )
         for state, n in hub.build_counts().items():
             builds.add_metric([state], n)
         yield builds
+        ended = CounterMetricFamily(
+            "citron_builds_finished", "Builds that ended since the server started", labels=["state"]
+        )
+        for state, n in stats.finished.items():
+            ended.add_metric([state], n)
+        yield ended
         runners = GaugeMetricFamily(
             "citron_runners", "Registered runners by state", labels=["state"]
         )

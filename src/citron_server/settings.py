@@ -28,6 +28,8 @@ class Settings:
     engine: str = "sqlite"
     node_lease: float = 5.0
     log_retention: float | None = None
+    retention: float | None = None  # days
+    window: int = 1000
     snapshot_every: int = 10_000
     runner_token: str | None = None
     api_token: str | None = None
@@ -93,6 +95,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of days, got {text}")
     return value
 
 
@@ -174,6 +186,23 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": _seconds,
             "help": "with Redis: seconds a finished build's log is kept (default: for ever)",
+        },
+    ),
+    (
+        "--retention",
+        {
+            "type": _days,
+            "metavar": "DAYS",
+            "help": "days a finished build and its log are kept, then deleted (default: for ever)",
+        },
+    ),
+    (
+        "--window",
+        {
+            "type": _positive_int,
+            "metavar": "BUILDS",
+            "help": "finished builds kept in memory, the newest (default 1000); older"
+            " ones are read from the store when asked for",
         },
     ),
     (

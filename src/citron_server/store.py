@@ -1,9 +1,10 @@
 """Persistence: the one small interface the host needs, and its SQLite engine.
 
 A :class:`Store` takes the hub's records in order (``write``, which never
-blocks), hands the builds back on start (``load_builds``) and reads log
-chunks for replays (``read_log``). Reads see every record written before them,
-committed or not.
+blocks), hands the live builds back on start (``load_builds``, with
+``max_number``), reads log chunks for replays (``read_log``), finds the builds
+that are no longer in the hub's memory (``find_builds``) and deletes old ones
+(``purge``). Reads see every record written before them, committed or not.
 
 :class:`SqliteStore` keeps everything in one SQLite file in WAL mode. One
 thread owns the connection. Records gather on the event loop for up to 10 ms,
@@ -31,15 +32,15 @@ from typing import Any, Protocol
 import attrs
 import cattrs
 
-from citron_protocol import BuildRecord, LogRecord, Record
-from citron_protocol.records import page_of
+from citron_protocol import BuildRecord, FindBuilds, LogRecord, Record
+from citron_protocol.records import LIVE_STATES, page_of
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError"]
 
 log = logging.getLogger("citron.store")
 
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BATCH_SECONDS = 0.05  # a transaction commits after at most this long
 HANDOFF_SECONDS = 0.01  # records wait at most this long on the event loop
 
@@ -57,7 +58,24 @@ class Store(Protocol):
         """Open (and migrate) the store."""
 
     async def load_builds(self) -> list[BuildRecord]:
-        """Every build, oldest first, log counters taken from the stored chunks."""
+        """The builds not finished, oldest first, log counters taken from the
+        stored chunks."""
+        ...
+
+    async def max_number(self) -> int:
+        """The highest build number stored, 0 if none."""
+        ...
+
+    async def find_builds(self, query: FindBuilds) -> list[BuildRecord] | None:
+        """The answer to ``query`` (see :class:`~citron_protocol.FindBuilds`)."""
+        ...
+
+    async def purge(self, finished_before: float, max_rows: int) -> int:
+        """Delete builds that finished before ``finished_before`` (seconds
+        since the epoch) and their logs, about ``max_rows`` rows at most in
+        one go (a build's log may take several), and give some freed space
+        back; how much was done (rows, pages), 0 once nothing is left to
+        do."""
         ...
 
     def write(self, records: Sequence[Record]) -> None:
@@ -99,7 +117,19 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (build, seq)
     ) WITHOUT ROWID;
     """,
+    # version 2: builds found by state and number, and by when they finished
+    # (retention); the stored records' log counters made whole
+    """
+    ALTER TABLE builds ADD COLUMN finished REAL;
+    UPDATE builds SET finished = json_extract(record, '$.finished');
+    CREATE INDEX builds_by_state ON builds (state, number);
+    CREATE INDEX builds_by_finished ON builds (finished) WHERE finished IS NOT NULL;
+    UPDATE builds SET record = json_set(record, '$.log_seq', c.seq, '$.log_bytes', c.size)
+        FROM (SELECT build, max(seq) AS seq, sum(size) AS size FROM log_chunks GROUP BY build)
+        AS c WHERE c.build = builds.id;
+    """,
 ]
+PURGE_VACUUM_PAGES = 4096  # pages given back to the file system per purge step
 
 
 @attrs.define
@@ -173,6 +203,21 @@ class SqliteStore:
 
     async def load_builds(self) -> list[BuildRecord]:
         return await self._call(_load_builds)  # type: ignore[no-any-return]
+
+    async def max_number(self) -> int:
+        return await self._call(  # type: ignore[no-any-return]
+            lambda db: int(db.execute("SELECT coalesce(max(number), 0) FROM builds").fetchone()[0])
+        )
+
+    async def find_builds(self, query: FindBuilds) -> list[BuildRecord] | None:
+        return await self._call(  # type: ignore[no-any-return]
+            lambda db: _find_builds(db, query)
+        )
+
+    async def purge(self, finished_before: float, max_rows: int) -> int:
+        return await self._call(  # type: ignore[no-any-return]
+            lambda db: _purge(db, finished_before, max_rows)
+        )
 
     async def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
@@ -294,6 +339,10 @@ def _connect(path: str) -> sqlite3.Connection:
         _create_private(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
+        if int(db.execute("PRAGMA user_version").fetchone()[0]) == 0:
+            # A new database gives back the space that retention frees
+            # (set before the first table, it needs no VACUUM).
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         _migrate(db)
@@ -339,6 +388,12 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute(f"PRAGMA user_version = {target}")
         db.execute("COMMIT")
         log.info("database migrated to schema version %d", target)
+    if version < 2 and int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+        # A database made before version 2: rewrite it once so that the
+        # space retention frees goes back to the file system.
+        log.info("rewriting the database once (VACUUM) so that retention can shrink it")
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("VACUUM")
 
 
 def _apply(db: sqlite3.Connection, records: Sequence[Record]) -> None:
@@ -354,9 +409,10 @@ def _apply(db: sqlite3.Connection, records: Sequence[Record]) -> None:
             chunks = []
         data = _converter.unstructure(record)
         db.execute(
-            "INSERT INTO builds (id, number, state, record) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record",
-            (record.id, record.number, record.state.value, json.dumps(data)),
+            "INSERT INTO builds (id, number, state, finished, record) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET state = excluded.state,"
+            " finished = excluded.finished, record = excluded.record",
+            (record.id, record.number, record.state.value, record.finished, json.dumps(data)),
         )
     if chunks:
         _insert_chunks(db, chunks)
@@ -373,29 +429,77 @@ def _insert_chunks(
 
 
 def _load_builds(db: sqlite3.Connection) -> list[BuildRecord]:
-    counters = {
-        build: (int(seq), int(size))
-        for build, seq, size in db.execute(
-            "SELECT build, max(seq), sum(size) FROM log_chunks GROUP BY build"
-        )
-    }
-    run_seqs = {
-        (build, int(attempt)): int(run_seq)
-        for build, attempt, run_seq in db.execute(
-            "SELECT build, attempt, max(run_seq) FROM log_chunks"
-            " WHERE run_seq IS NOT NULL GROUP BY build, attempt"
-        )
-    }
+    """The builds not finished, with their log counters from the chunks:
+    a few rows, whatever the history's size."""
+    marks = ", ".join("?" * len(LIVE_STATES))
+    rows = db.execute(
+        f"SELECT record FROM builds WHERE state IN ({marks}) ORDER BY number",
+        sorted(s.value for s in LIVE_STATES),
+    ).fetchall()
     out = []
-    for (text,) in db.execute("SELECT record FROM builds ORDER BY number"):
+    for (text,) in rows:
         record = _converter.structure(json.loads(text), BuildRecord)
-        log_seq, log_bytes = counters.get(record.id, (0, 0))
+        log_seq, log_bytes = db.execute(
+            "SELECT coalesce(max(seq), 0), coalesce(sum(size), 0) FROM log_chunks WHERE build = ?",
+            (record.id,),
+        ).fetchone()
+        (run_seq,) = db.execute(
+            "SELECT coalesce(max(run_seq), 0) FROM log_chunks WHERE build = ? AND attempt = ?",
+            (record.id, record.attempt),
+        ).fetchone()
         out.append(
             attrs.evolve(
-                record,
-                log_seq=log_seq,
-                log_bytes=log_bytes,
-                run_seq=run_seqs.get((record.id, record.attempt), 0),
+                record, log_seq=int(log_seq), log_bytes=int(log_bytes), run_seq=int(run_seq)
             )
         )
     return out
+
+
+def _find_builds(db: sqlite3.Connection, query: FindBuilds) -> list[BuildRecord] | None:
+    if query.build is not None:
+        row = db.execute("SELECT record FROM builds WHERE id = ?", (query.build,)).fetchone()
+        return None if row is None else [_converter.structure(json.loads(row[0]), BuildRecord)]
+    where: list[str] = []
+    args: list[object] = []
+    if query.before is not None:
+        where.append("number < ?")
+        args.append(query.before)
+    if query.state is not None:
+        where.append("state = ?")
+        args.append(query.state.value)
+    sql = "SELECT record FROM builds"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = db.execute(sql + " ORDER BY number DESC LIMIT ?", (*args, query.limit))
+    return [_converter.structure(json.loads(text), BuildRecord) for (text,) in rows]
+
+
+def _purge(db: sqlite3.Connection, finished_before: float, max_rows: int) -> int:
+    """One step of retention: the oldest expired builds' chunks, then the
+    builds themselves, about ``max_rows`` rows; then some free pages go back."""
+    deleted = 0
+    expired = db.execute(
+        "SELECT id FROM builds WHERE finished IS NOT NULL AND finished < ?"
+        " ORDER BY finished LIMIT ?",
+        (finished_before, max_rows),
+    ).fetchall()
+    for (build,) in expired:
+        cursor = db.execute(
+            "DELETE FROM log_chunks WHERE build = ? AND seq IN"
+            " (SELECT seq FROM log_chunks WHERE build = ? ORDER BY seq LIMIT ?)",
+            (build, build, max_rows - deleted),
+        )
+        deleted += cursor.rowcount
+        if deleted >= max_rows:
+            break  # the rest of this log in the next step
+        db.execute("DELETE FROM builds WHERE id = ?", (build,))
+        deleted += 1
+    # Give free pages back, a bounded number a step (a 64 MiB log frees
+    # 16,000 pages); the steps go on while some are left. Each step of this
+    # pragma frees one page, and the sqlite3 module steps a statement once.
+    free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+    if int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+        free = 0  # (an in-memory database: nothing to give back)
+    for _ in range(min(free, PURGE_VACUUM_PAGES)):
+        db.execute("PRAGMA incremental_vacuum(1)")
+    return deleted + min(free, PURGE_VACUUM_PAGES)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from websockets.exceptions import ConnectionClosed
 
@@ -456,3 +457,98 @@ async def test_an_8_mib_log_replays_whole_on_redis_after_a_restart(
     for node in cluster.nodes:
         await asyncio.to_thread(node.restart)
     await bounds.replays_whole(reader.url, build, chunks)
+
+
+# -- history: builds beyond the window come from Redis; retention --------------------
+
+
+async def page_all(ws: Any, limit: int) -> list[str]:
+    seen: list[str] = []
+    before = ""
+    while True:
+        extra = f', "before": "{before}"' if before else ""
+        reply = await ask(ws, f'WEB:get_builds:{{"limit": {limit}{extra}}}')
+        ids = [b.id for b in reply.builds]
+        seen += ids
+        if len(ids) < limit and not reply.more:
+            return seen
+        before = ids[-1]
+
+
+async def test_builds_beyond_the_window_are_read_from_redis(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory("--window", "5", "--snapshot-every", "20", nodes=2)
+    api = await peer(cluster.nodes[0].url)
+    r = await runner(cluster.nodes[1].url)
+    builds = []
+    for i in range(40):
+        builds.append(await submit(api))
+        assert (await expect(r, "run")).build == builds[-1]
+        await r.send(f'RUNNER:process:{{"finished": false, "log": "build {i}\\n"}}')
+        await r.send('RUNNER:process:{"finished": true, "success": true}')
+    queued = await submit(api, extra=', "type": "none"')
+    expected = [queued, *reversed(builds)]
+    for node in cluster.nodes:
+        web = await peer(node.url)
+        assert await page_all(web, 7) == expected
+        info = (await ask(web, f'WEB:get_build:{{"build": "{builds[0]}"}}')).build
+        assert (info.state.value, info.log_seq) == ("success", 1)
+        await ask(web, f'WEB:subscribe:{{"build": "{builds[0]}", "from": 0}}')
+        assert await follow(web, builds[0]) == [(1, "build 0\n")]
+    client = cluster.redis.client()
+    assert client.zcard("citron:builds") == 41
+    # A node that starts from the snapshot holds the window only, and pages alike.
+    late = cluster_factory("--window", "5", "--snapshot-every", "20", nodes=1).nodes[0]
+    web = await peer(late.url)
+    assert await page_all(web, 9) == expected
+
+
+async def test_retention_on_redis_deletes_what_it_should_and_nothing_else(
+    redis_server: RedisServer,
+) -> None:
+    from citron_protocol import BuildRecord, BuildState, LogRecord
+    from citron_server.cluster import ClusterConfig, RedisStore
+
+    redis_server.client().flushall()
+    store = RedisStore(ClusterConfig(url=redis_server.url()))
+    await store.open()
+    now = 1_000_000.0
+
+    def record(n: int, state: BuildState, at: float) -> BuildRecord:
+        return BuildRecord(
+            id=f"b{n}",
+            number=n,
+            state=state,
+            repo="r",
+            script=("x",),
+            created=at,
+            finished=at if state.finished else None,
+            revision=2,
+        )
+
+    old = [record(n, BuildState.SUCCESS, now - 10 * 86400) for n in range(1, 11)]
+    recent = [record(n, BuildState.FAILURE, now - 86400) for n in range(11, 16)]
+    live = [record(n, BuildState.RUNNING, now - 30 * 86400) for n in range(16, 18)]
+    records: list[Any] = [*old, *recent, *live]
+    for b in [*old, *recent, *live]:
+        records += [
+            LogRecord(build=b.id, seq=s, log="x\n", attempt=1, run_seq=s, size=2)
+            for s in range(1, 4)
+        ]
+    # An older revision written late (by a slower node) changes nothing.
+    records.append(attrs.evolve(record(1, BuildState.RUNNING, now), revision=1))
+    store.write(records)
+    assert await store.max_number() == 17
+    total = 0
+    while deleted := await store.purge(now - 7 * 86400, 40):
+        total += deleted
+    assert total == 10
+    client = redis_server.client()
+    kept = sorted(client.zrange("citron:builds", 0, -1))
+    assert kept == sorted(f"b{n}" for n in range(11, 18))
+    assert not any(client.exists(f"citron:log:b{n}") for n in range(1, 11))
+    assert all(client.xlen(f"citron:log:b{n}") == 3 for n in range(11, 18))
+    assert sorted(client.zrange("citron:state:running", 0, -1)) == ["b16", "b17"]
+    assert client.zcard("citron:state:success") == 0 and client.zcard("citron:finished") == 5
+    await store.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -862,10 +864,12 @@ _EVENT = st.one_of(
 )
 
 
-def _replay_both(before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]) -> None:
+def _replay_both(
+    before: list[tuple[str, int, str]], after: list[tuple[str, int, str]], window: int = 1000
+) -> None:
     """Play ``before`` on a hub, snapshot it, then play ``after`` on both the
     hub and the restored copy: they must answer alike."""
-    config = HubConfig(lost_grace=5, cancel_timeout=5)
+    config = HubConfig(lost_grace=5, cancel_timeout=5, window=window)
     hub = Hub(CountingIds(), config)
     clock = [T0]
     generation = [0] * 5
@@ -901,7 +905,7 @@ def _replay_both(before: list[tuple[str, int, str]], after: list[tuple[str, int,
     for who in range(5):
         hub.connect((who, 0), list(Role), clock[0])
     play(hub, before, generation)
-    copy = Hub.from_snapshot(hub.snapshot())
+    copy = Hub.from_snapshot(hub.snapshot(), copy_module.deepcopy(hub.ids), config)
     start = clock[0]
     expected = play(hub, after, list(generation))
     clock[0] = start
@@ -952,6 +956,14 @@ def test_a_restored_snapshot_decides_alike(
     before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]
 ) -> None:
     _replay_both(before, after)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(_EVENT, max_size=40), st.lists(_EVENT, max_size=40))
+def test_a_restored_snapshot_decides_alike_with_a_small_window(
+    before: list[tuple[str, int, str]], after: list[tuple[str, int, str]]
+) -> None:
+    _replay_both(before, after, window=1)
 
 
 def test_a_remote_connection_is_decided_for_but_not_delivered_to(h: Harness) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
+import attrs
 import pytest
 
-from citron_protocol import BuildRecord, BuildState, LogRecord
+from citron_protocol import BuildRecord, BuildState, FindBuilds, LogRecord
 from citron_server.store import SCHEMA_VERSION, SqliteStore, StoreError
 
 
@@ -77,3 +79,110 @@ async def test_a_failed_store_says_so_and_drops_writes(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await store.read_log("b1", 0, 1, 1)
     await store.close()
+
+
+# -- history: finding builds, retention, the schema-1 upgrade ------------------------
+
+
+def finished(number: int, at: float, state: BuildState = BuildState.SUCCESS) -> BuildRecord:
+    return BuildRecord(
+        id=f"b{number}",
+        number=number,
+        state=state,
+        repo="r",
+        script=("make",),
+        created=at,
+        finished=None if not state.finished else at,
+        success=state is BuildState.SUCCESS if state.finished else None,
+        revision=3,
+    )
+
+
+def lines(build: str, n: int, size: int = 1000) -> list[LogRecord]:
+    text = "x" * (size - 1) + "\n"
+    return [
+        LogRecord(build=build, seq=s, log=text, attempt=1, run_seq=s, size=size)
+        for s in range(1, n + 1)
+    ]
+
+
+async def test_builds_are_found_by_id_and_by_page(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "c.db"))
+    await store.open()
+    states = [BuildState.SUCCESS, BuildState.FAILURE, BuildState.QUEUED]
+    store.write([finished(n, 1000.0 + n, states[n % 3]) for n in range(1, 31)])
+    assert await store.max_number() == 30
+    (found,) = await store.find_builds(FindBuilds(request=1, conn=1, build="b7")) or []
+    assert (found.id, found.state) == ("b7", BuildState.FAILURE)
+    assert await store.find_builds(FindBuilds(request=1, conn=1, build="nope")) is None
+    page = await store.find_builds(FindBuilds(request=1, conn=1, before=20, limit=4)) or []
+    assert [b.number for b in page] == [19, 18, 17, 16]
+    page = (
+        await store.find_builds(
+            FindBuilds(request=1, conn=1, before=20, state=BuildState.QUEUED, limit=3)
+        )
+        or []
+    )
+    assert [b.number for b in page] == [17, 14, 11]
+    assert [b.number for b in await store.load_builds()] == list(range(2, 31, 3))
+    await store.close()
+
+
+async def test_retention_deletes_old_finished_builds_and_their_logs_only(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    now = 1_000_000.0
+    old = [finished(n, now - 10 * 86400 + n) for n in range(1, 21)]
+    recent = [finished(n, now - 86400) for n in range(21, 31)]
+    live = [finished(n, now - 30 * 86400, BuildState.RUNNING) for n in range(31, 34)]
+    records: list[BuildRecord | LogRecord] = [*old, *recent, *live]
+    for b in [*old, *recent, *live]:
+        records += lines(b.id, 50)  # 50 KB of log each
+    store.write(records)
+    await store.flush()
+    pages_before = await store._call(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+    steps = []
+    while done := await store.purge(now - 7 * 86400, 30):
+        steps.append(done)
+    assert len(steps) >= 20 * 51 // 30  # in small steps
+    left = await store._call(lambda db: [r[0] for r in db.execute("SELECT id FROM builds")])
+    assert sorted(left) == sorted(b.id for b in [*recent, *live])
+    chunks = await store._call(
+        lambda db: db.execute("SELECT count(*), count(DISTINCT build) FROM log_chunks").fetchone()
+    )
+    assert chunks == (13 * 50, 13)
+    pages_after = await store._call(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+    assert pages_after < pages_before * 0.7  # the space went back to the file system
+    await store.close()
+
+
+async def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
+    from citron_server.store import _MIGRATIONS, _converter
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        for b in (finished(1, 500.0), finished(2, 600.0, BuildState.QUEUED)):
+            stale = attrs.evolve(b, log_seq=0, log_bytes=0)  # as a lost build's notice left it
+            db.execute(
+                "INSERT INTO builds (id, number, state, record) VALUES (?, ?, ?, ?)",
+                (b.id, b.number, b.state.value, json.dumps(_converter.unstructure(stale))),
+            )
+        for c in lines("b1", 3, 10):
+            db.execute(
+                "INSERT INTO log_chunks VALUES (?, ?, ?, ?, ?, ?)",
+                (c.build, c.seq, c.attempt, c.run_seq, c.size, c.log),
+            )
+    store = SqliteStore(str(path))
+    await store.open()
+    (b1,) = await store.find_builds(FindBuilds(request=1, conn=1, build="b1")) or []
+    assert (b1.log_seq, b1.log_bytes) == (3, 30)
+    assert [b.id for b in await store.load_builds()] == ["b2"]
+    assert await store.purge(550.0, 100) >= 4  # b1 and its 3 chunks
+    assert await store.find_builds(FindBuilds(request=1, conn=1, build="b1")) is None
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
