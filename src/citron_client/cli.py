@@ -372,9 +372,7 @@ async def _run(args: argparse.Namespace) -> int:
     role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
     urls = args.url.split(",")
     reconnect = args.command in ("logs", "submit")
-    async with Client(
-        urls, token=args.token, role=role, reconnect=reconnect, ca=args.ca
-    ) as client:
+    async with Client(urls, token=args.token, role=role, reconnect=reconnect, ca=args.ca) as client:
         if args.command == "submit":
             build = await client.submit(
                 args.repo,

@@ -489,6 +489,15 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _NOT_A_CHUNK: Final = (msgspec.DecodeError, RecursionError, UnicodeEncodeError)
 
 
+def fast_log_frame(text: str) -> RunnerLog | None:
+    """The RunnerLog of a whole ``RUNNER:process:`` frame in its plain,
+    valid form, else None (then :func:`split_client` and
+    :func:`parse_client` decide). For the hub's hot path."""
+    if text[:15] != _PROCESS_PREFIX:
+        return None
+    return _fast_decode_log(text[15:])
+
+
 def _fast_decode_log(payload: str) -> RunnerLog | None:
     """The RunnerLog of a ``process`` payload, or None when the payload is not
     the plain, valid case (the general path then decides).

@@ -44,7 +44,15 @@ from typing import Any, Final, Protocol
 import attrs
 import cattrs
 
-from .codec import decode_client, encode, encode_log_chunk, parse_client, peek_req, split_client
+from .codec import (
+    decode_client,
+    encode,
+    encode_log_chunk,
+    fast_log_frame,
+    parse_client,
+    peek_req,
+    split_client,
+)
 from .errors import ErrorCode, ProtocolError, SnapshotError, UsageError
 from .messages import (
     MAX_INT,
@@ -80,7 +88,7 @@ from .messages import (
     Unsubscribed,
     utf8_size,
 )
-from .records import LIVE_STATES, BuildRecord, FindBuilds, LoadLog, LogRecord, Record
+from .records import LIVE_STATES, BuildRecord, FindBuilds, LoadLog, Record, log_record
 from .states import BuildEvent, RunnerEvent, next_build_state, next_runner_state
 
 __all__ = [
@@ -96,6 +104,7 @@ __all__ = [
     "IdSource",
 ]
 
+_LOG_IN: Final = (Role.RUNNER.value, "process")  # metrics key of a log chunk received
 #: The protocol version this hub speaks (``ready``'s ``protocol``).
 PROTOCOL_VERSION: Final = 1
 #: The format version of :meth:`Hub.snapshot` (1 was a pickle, refused).
@@ -289,11 +298,11 @@ class _Conn:
     local: bool = True  # served by this hub's host (see Hub.connect)
     tokens: float = 0.0  # the request budget left (see Hub._spend)
     refilled: float = 0.0  # when ``tokens`` was last brought up to date
+    out_key: tuple[str, str] = ("", "log")  # metrics key of a log: frame sent to it
 
-    @property
-    def out_key(self) -> tuple[str, str]:
-        """The metrics key of a ``log:`` frame sent to this connection."""
-        return (self.role.value if self.role else "", "log")
+    def take_role(self, role: Role) -> None:
+        self.role = role
+        self.out_key = (role.value, "log")
 
 
 @attrs.define(eq=False)
@@ -574,6 +583,17 @@ class Hub:
         c = self._conns.get(conn)
         if c is None or c.closing:
             return self._flush()
+        if c.runner is not None:  # the hot path: a registered runner's log chunk
+            chunk = fast_log_frame(text)
+            if chunk is not None:
+                if c.local:
+                    counts = self.stats.frames_in
+                    counts[_LOG_IN] = counts.get(_LOG_IN, 0) + 1
+                try:
+                    self._on_log(c, chunk)
+                except _Refusal as refusal:
+                    self._error(c, refusal.code, refusal.message)
+                return self._flush()
         try:
             role, command, payload = split_client(text)
         except ProtocolError as exc:
@@ -589,7 +609,7 @@ class Hub:
             self._close(c, CloseCode.POLICY, "unauthorized")
             return self._flush()
         if c.role is None:
-            c.role = role
+            c.take_role(role)
         elif role is not c.role:
             self._error(
                 c,
@@ -936,19 +956,20 @@ class Hub:
                 role = Role(cs.role) if cs.role is not None else None
             except ValueError as exc:
                 raise bad(str(exc)) from None
-            self._conns[conn_id] = _Conn(
+            self._conns[conn_id] = conn = _Conn(
                 id=conn_id,
                 roles=roles,
-                role=role,
                 errors=deque(cs.errors),
                 closing=cs.closing,
                 local=False,  # whoever restores it serves none of them yet
                 tokens=cs.tokens,
                 refilled=cs.refilled,
             )
+            if role is not None:
+                conn.take_role(role)
         for rs in state.runners:
-            conn = self._conns.get(_conn_id_of(rs.conn))
-            if conn is None or conn.runner is not None or rs.id in self._runners:
+            holder_conn = self._conns.get(_conn_id_of(rs.conn))
+            if holder_conn is None or holder_conn.runner is not None or rs.id in self._runners:
                 raise bad(f"runner {rs.id!r} and its connection")
             try:
                 init = decode_client(rs.init)
@@ -957,8 +978,10 @@ class Hub:
                 raise bad(f"runner {rs.id!r}: {exc}") from None
             if not isinstance(init, RunnerInit):
                 raise bad(f"runner {rs.id!r}: its init is not RUNNER:init")
-            runner = _Runner(id=rs.id, conn=conn, init=init, session=rs.session, state=runner_state)
-            conn.runner = runner
+            runner = _Runner(
+                id=rs.id, conn=holder_conn, init=init, session=rs.session, state=runner_state
+            )
+            holder_conn.runner = runner
             self._runners[rs.id] = runner
         for bs in state.builds:
             record = bs.record
@@ -1186,35 +1209,38 @@ class Hub:
         self._notify_build(build)
 
     def _append_log(
-        self, build: _Build, text: str, run_seq: int | None, *, live: bool = True
+        self,
+        build: _Build,
+        text: str,
+        run_seq: int | None,
+        *,
+        live: bool = True,
+        size: int | None = None,
     ) -> None:
+        """Store one chunk (``size``: its UTF-8 size, if known) and send it
+        to the build's followers. The hot path: one per chunk."""
         seq = build.log_seq = build.log_seq + 1
-        size = utf8_size(text)
+        if size is None:
+            size = utf8_size(text)
         build.log_bytes += size
         self.stats.log_bytes += size
-        build_id = build.record.id
-        self._fx.records.append(
-            LogRecord(
-                build=build_id,
-                seq=seq,
-                log=text,
-                attempt=build.record.attempt,
-                run_seq=run_seq,
-                size=size,
-            )
-        )
-        if not build.subs or not live:
+        record = build.record
+        build_id = record.id
+        self._fx.records.append(log_record(build_id, seq, text, record.attempt, run_seq, size))
+        subs = build.subs
+        if not subs or not live:
             return
         frame = encode_log_chunk(build_id, seq, text)
         sends = self._fx.sends
         counts = self.stats.frames_out
-        for sub in build.subs.values():
+        for sub in subs.values():
             if sub.pending is not None:
                 sub.pending.append((seq, frame))
             elif seq > sub.after:
                 sub.after = seq
-                sends.append((sub.conn.id, frame))
-                key = sub.conn.out_key
+                conn = sub.conn
+                sends.append((conn.id, frame))
+                key = conn.out_key
                 counts[key] = counts.get(key, 0) + 1
 
     def _notice(self, build: _Build, text: str) -> None:
@@ -1438,7 +1464,10 @@ class Hub:
         return build
 
     def _on_log(self, c: _Conn, msg: RunnerLog) -> None:
-        _, build = self._current_build(c, msg.build)
+        runner = c.runner
+        build = runner.build if runner is not None else None
+        if build is None or (msg.build is not None and msg.build != build.record.id):
+            _, build = self._current_build(c, msg.build)  # (it refuses)
         last = build.run_seq
         if msg.seq is None:
             run_seq = last + 1
@@ -1462,7 +1491,7 @@ class Hub:
             return
         pieces = self._pieces(build.record.id, msg.log)
         if len(pieces) == 1:
-            self._append_log(build, msg.log, run_seq)
+            self._append_log(build, msg.log, run_seq, size=size)
             return
         # Too big for one frame: stored in pieces, and its followers get
         # them paced from the store, like a replay (all at once, they would

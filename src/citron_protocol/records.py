@@ -69,8 +69,23 @@ class BuildRecord:
     revision: int = 0
 
 
+class _LogRecordSlots:
+    """The storage of :class:`LogRecord`, and nothing else: the hub fills a
+    plain instance and makes it a LogRecord by ``__class__`` assignment
+    (one per log chunk; see :func:`log_record`), as the codec does for
+    ``RunnerLog``."""
+
+    __slots__ = ("__weakref__", "attempt", "build", "log", "run_seq", "seq", "size")
+    build: str
+    seq: int
+    log: str
+    attempt: int
+    run_seq: int | None
+    size: int
+
+
 @attrs.frozen(kw_only=True)
-class LogRecord:
+class LogRecord(_LogRecordSlots):
     """One stored log chunk: ``seq`` numbers a build's chunks from 1.
 
     ``run_seq`` is the runner's number for it within ``attempt`` (None for a
@@ -86,6 +101,23 @@ class LogRecord:
 
 
 Record = BuildRecord | LogRecord
+
+_new = object.__new__
+
+
+def log_record(
+    build: str, seq: int, log: str, attempt: int, run_seq: int | None, size: int
+) -> LogRecord:
+    """``LogRecord(...)`` without the frozen ``__setattr__`` (half the cost)."""
+    record = _new(_LogRecordSlots)
+    record.build = build
+    record.seq = seq
+    record.log = log
+    record.attempt = attempt
+    record.run_seq = run_seq
+    record.size = size
+    record.__class__ = LogRecord
+    return record  # type: ignore[return-value]
 
 
 @attrs.frozen(kw_only=True)
@@ -189,9 +221,9 @@ class MemoryStore:
         out.sort(key=lambda b: b.number, reverse=True)
         return out[: query.limit]
 
-    def purge(self, finished_before: float, limit: int) -> list[str]:
-        """Delete up to ``limit`` finished builds that finished before
-        ``finished_before``, with their logs; their ids."""
+    def purge(self, finished_before: float, limit: int) -> int:
+        """Delete up to ``limit`` builds that finished before
+        ``finished_before``, with their logs; how many (0: none left)."""
         old = [
             b.id
             for b in self.builds.values()
@@ -200,7 +232,7 @@ class MemoryStore:
         for build in old:
             del self.builds[build]
             self.logs.pop(build, None)
-        return old
+        return len(old)
 
     def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
