@@ -23,8 +23,6 @@ calls raise :class:`~citron_protocol.errors.UsageError`.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import attrs
 
 from .codec import decode_server, encode
@@ -42,6 +40,7 @@ from .messages import (
     RunnerUnregister,
     Shutdown,
 )
+from .states import PHASE_TRANSITIONS, PhaseEvent, RunnerPhase, next_phase
 
 __all__ = [
     "BuildDropped",
@@ -50,7 +49,6 @@ __all__ = [
     "CancelRequested",
     "Registered",
     "RunnerProtocolEvent",
-    "RunnerPhase",
     "RunnerProtocol",
     "ServerError",
     "ShutdownRequested",
@@ -62,16 +60,6 @@ class UnexpectedMessage(ProtocolError):
     """The server sent a frame that makes no sense now (e.g. ``run`` while busy)."""
 
     code = ErrorCode.BAD_STATE
-
-
-class RunnerPhase(StrEnum):
-    """Where the runner's connection is."""
-
-    DISCONNECTED = "disconnected"
-    REGISTERING = "registering"  # init sent, waiting for ready
-    WAITING = "waiting"  # registered, no build running
-    RUNNING = "running"  # a build is running
-    CLOSED = "closed"  # unregistered or told to shut down
 
 
 @attrs.frozen
@@ -162,30 +150,30 @@ class RunnerProtocol:
 
     # -- connection --------------------------------------------------------------------
 
+    def _go(self, event: PhaseEvent) -> None:
+        """The one place the phase changes: by the table (UsageError if it
+        has no row)."""
+        self.phase = next_phase(self.phase, event)
+
     def connect(self) -> None:
         """The connection is open: send init, asking to resume a build in flight."""
-        if self.phase is not RunnerPhase.DISCONNECTED:
-            raise UsageError(f"connect() while {self.phase}")
+        self._go(PhaseEvent.CONNECT)
         resume = None
         if self._run is not None and self._session is not None:
             resume = Resume(build=self._run.build, session=self._session)
         self._out.append(encode(attrs.evolve(self._init, resume=resume)))
-        self.phase = RunnerPhase.REGISTERING
         self._sent = 0
         self._finish_sent = False
 
     def connection_lost(self) -> None:
         """The connection closed; a build in flight is kept for a resume."""
-        if self.phase is not RunnerPhase.CLOSED:
-            self.phase = RunnerPhase.DISCONNECTED
+        self._go(PhaseEvent.LOST)
         self._out.clear()
 
     def unregister(self) -> None:
         """Leave the server; a build in flight is given up."""
-        if self.phase in (RunnerPhase.DISCONNECTED, RunnerPhase.CLOSED):
-            raise UsageError(f"unregister() while {self.phase}")
+        self._go(PhaseEvent.UNREGISTER)
         self._out.append(encode(RunnerUnregister()))
-        self.phase = RunnerPhase.CLOSED
 
     # -- input --------------------------------------------------------------------------
 
@@ -200,7 +188,8 @@ class RunnerProtocol:
             if self.build is not None and message.build == self._run.build:  # type: ignore[union-attr]
                 self._events.append(CancelRequested(message.build))
         elif isinstance(message, Shutdown):
-            self.phase = RunnerPhase.CLOSED
+            if self.phase is not RunnerPhase.CLOSED:
+                self._go(PhaseEvent.SHUTDOWN)
             self._events.append(ShutdownRequested())
         elif isinstance(message, Error):
             self._events.append(ServerError(message))
@@ -215,25 +204,28 @@ class RunnerProtocol:
         self._events.append(Registered(ready.runner, ready.session, ready.protocol))
         run = self._run
         if run is None:
-            self.phase = RunnerPhase.WAITING
+            self._go(PhaseEvent.READY)
             return
         if ready.resume is None or ready.resume.build != run.build:
             if self._finished is None:
                 self._events.append(BuildDropped(run.build))
             self._clear_run()
-            self.phase = RunnerPhase.WAITING
+            self._go(PhaseEvent.READY)
             return
         self._sent = min(ready.resume.seq, len(self._chunks))
-        self.phase = RunnerPhase.RUNNING if self._finished is None else RunnerPhase.WAITING
+        # A build that finished while away is only resent: nothing runs.
+        self._go(PhaseEvent.RESUMED if self._finished is None else PhaseEvent.READY)
         self._events.append(BuildResumed(run.build, self._sent))
         self._flush()
 
     def _on_run(self, run: Run) -> None:
-        if self.phase is RunnerPhase.RUNNING or self.build is not None:
-            raise UnexpectedMessage(f"run: {run.build} while build {self._run.build} runs")  # type: ignore[union-attr]
+        if (self.phase, PhaseEvent.RUN) not in PHASE_TRANSITIONS:
+            current = self.build
+            busy = f"build {current.build} runs" if current is not None else self.phase
+            raise UnexpectedMessage(f"run: {run.build} while {busy}")
+        self._go(PhaseEvent.RUN)
         self._clear_run()
         self._run = run
-        self.phase = RunnerPhase.RUNNING
         self._events.append(BuildStarted(run))
 
     def _clear_run(self) -> None:
@@ -259,10 +251,9 @@ class RunnerProtocol:
         no other build: the host closes the connection once it is sent."""
         if self.build is None:
             raise UsageError("finish() with no build running")
+        self._go(PhaseEvent.FINISH)
         self._finished = bool(success)
         self._leave = bool(leave)
-        if self.phase is RunnerPhase.RUNNING:
-            self.phase = RunnerPhase.WAITING
         self._flush()
 
     def _flush(self) -> None:

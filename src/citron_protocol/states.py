@@ -5,6 +5,10 @@ through :func:`next_build_state` and :func:`next_runner_state`, and
 docs/protocol.md draws its state diagrams from these same tables
 (:func:`build_diagram`, :func:`runner_diagram`), so the two cannot drift.
 
+The runner's own side (:class:`~citron_protocol.runner.RunnerProtocol`) has
+its table too: :data:`PHASE_TRANSITIONS`, through :func:`next_phase`, drawn
+in docs/howto-runner.md by :func:`phase_diagram`.
+
 What the tables cannot say, the hub does beside them, in plain code:
 
 - a runner's connection closing while it runs a build is not a transition: the
@@ -25,12 +29,17 @@ from .messages import BuildState, RunnerState
 
 __all__ = [
     "BUILD_TRANSITIONS",
+    "PHASE_TRANSITIONS",
     "RUNNER_TRANSITIONS",
     "BuildEvent",
+    "PhaseEvent",
     "RunnerEvent",
+    "RunnerPhase",
     "build_diagram",
     "next_build_state",
+    "next_phase",
     "next_runner_state",
+    "phase_diagram",
     "runner_diagram",
 ]
 
@@ -120,4 +129,77 @@ def runner_diagram() -> str:
     lines = ["stateDiagram-v2"]
     for (state, event), target in RUNNER_TRANSITIONS.items():
         lines.append(f"    {state or '[*]'} --> {target or '[*]'}: {event}")
+    return "\n".join(lines)
+
+
+# -- the runner's own side ------------------------------------------------------------
+
+
+class RunnerPhase(StrEnum):
+    """Where a runner's connection is, as the runner sees it."""
+
+    DISCONNECTED = "disconnected"
+    REGISTERING = "registering"  # init sent, waiting for ready
+    WAITING = "waiting"  # registered, no build running
+    RUNNING = "running"  # a build is running
+    CLOSED = "closed"  # unregistered or told to shut down
+
+
+class PhaseEvent(StrEnum):
+    """What moves a runner from one phase to another."""
+
+    CONNECT = "connect"  # the connection opened: init sent
+    READY = "ready"  # ready: nothing to go on with (or the build had finished)
+    RESUMED = "resumed"  # ready: the build in flight was taken back
+    RUN = "run"  # run: a build to start
+    FINISH = "finish"  # the runner's build ended
+    LOST = "lost"  # the connection closed
+    UNREGISTER = "unregister"  # the runner leaves
+    SHUTDOWN = "shutdown"  # shutdown: the server says leave
+
+
+P = RunnerPhase
+PE = PhaseEvent
+
+#: (phase, event) -> phase. A finish while disconnected or registering
+#: keeps the phase: the result is sent once the connection is back; after
+#: leaving (closed), it is only recorded.
+PHASE_TRANSITIONS: Final[dict[tuple[RunnerPhase, PhaseEvent], RunnerPhase]] = {
+    (P.DISCONNECTED, PE.CONNECT): P.REGISTERING,
+    (P.REGISTERING, PE.READY): P.WAITING,
+    (P.REGISTERING, PE.RESUMED): P.RUNNING,
+    (P.WAITING, PE.RUN): P.RUNNING,
+    (P.RUNNING, PE.FINISH): P.WAITING,
+    (P.DISCONNECTED, PE.FINISH): P.DISCONNECTED,
+    (P.REGISTERING, PE.FINISH): P.REGISTERING,
+    (P.CLOSED, PE.FINISH): P.CLOSED,
+    (P.REGISTERING, PE.LOST): P.DISCONNECTED,
+    (P.WAITING, PE.LOST): P.DISCONNECTED,
+    (P.RUNNING, PE.LOST): P.DISCONNECTED,
+    (P.DISCONNECTED, PE.LOST): P.DISCONNECTED,
+    (P.CLOSED, PE.LOST): P.CLOSED,
+    (P.REGISTERING, PE.UNREGISTER): P.CLOSED,
+    (P.WAITING, PE.UNREGISTER): P.CLOSED,
+    (P.RUNNING, PE.UNREGISTER): P.CLOSED,
+    (P.REGISTERING, PE.SHUTDOWN): P.CLOSED,
+    (P.WAITING, PE.SHUTDOWN): P.CLOSED,
+    (P.RUNNING, PE.SHUTDOWN): P.CLOSED,
+}
+
+
+def next_phase(phase: RunnerPhase, event: PhaseEvent) -> RunnerPhase:
+    """The phase a runner in ``phase`` takes on ``event``; UsageError if none."""
+    try:
+        return PHASE_TRANSITIONS[(phase, event)]
+    except KeyError:
+        raise UsageError(f"a runner {phase} cannot take {event}") from None
+
+
+def phase_diagram() -> str:
+    """The runner's own phases as a Mermaid state diagram, drawn from the table."""
+    lines = ["stateDiagram-v2", f"    [*] --> {P.DISCONNECTED}"]
+    for (phase, event), target in PHASE_TRANSITIONS.items():
+        if phase is not target:  # (self-loops: in the table's comment)
+            lines.append(f"    {phase} --> {target}: {event}")
+    lines.append(f"    {P.CLOSED} --> [*]")
     return "\n".join(lines)

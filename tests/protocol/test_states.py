@@ -18,6 +18,13 @@ from citron_protocol import (
     next_runner_state,
     runner_diagram,
 )
+from citron_protocol.states import (
+    PHASE_TRANSITIONS,
+    PhaseEvent,
+    RunnerPhase,
+    next_phase,
+    phase_diagram,
+)
 
 DOC = Path(__file__).parents[2] / "docs" / "protocol.md"
 
@@ -26,6 +33,20 @@ def test_docs_show_the_diagrams_drawn_from_the_tables() -> None:
     text = DOC.read_text()
     assert f"```mermaid\n{build_diagram()}\n```" in text
     assert f"```mermaid\n{runner_diagram()}\n```" in text
+    runner_doc = (DOC.parent / "howto-runner.md").read_text()
+    assert f"```mermaid\n{phase_diagram()}\n```" in runner_doc
+
+
+def test_every_phase_is_reachable_and_closed_is_final() -> None:
+    reached = {RunnerPhase.DISCONNECTED}
+    for _ in range(len(RunnerPhase)):
+        reached |= {PHASE_TRANSITIONS[key] for key in PHASE_TRANSITIONS if key[0] in reached}
+    assert reached == set(RunnerPhase)
+    assert {t for (p, _), t in PHASE_TRANSITIONS.items() if p is RunnerPhase.CLOSED} == {
+        RunnerPhase.CLOSED
+    }
+    with pytest.raises(UsageError):
+        next_phase(RunnerPhase.WAITING, PhaseEvent.CONNECT)
 
 
 def test_finished_states_have_no_way_out_but_lost() -> None:
