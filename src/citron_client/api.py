@@ -38,6 +38,8 @@ from citron_protocol import (
     ClientMessage,
     ClientProtocol,
     Failure,
+    Follow,
+    FollowEvent,
     GetBuild,
     GetBuilds,
     GetRunners,
@@ -51,7 +53,6 @@ from citron_protocol import (
     Runners,
     StateChange,
     SubmitBuild,
-    Subscribe,
     Unsubscribe,
 )
 
@@ -69,13 +70,10 @@ __all__ = ["Client", "FollowEvent"]
 
 log = logging.getLogger("citron.client")
 
-FollowEvent = LogChunk | StateChange
-
 
 @attrs.define(eq=False)
 class _Follower:
-    build: str
-    after: int
+    follow: Follow
     queue: asyncio.Queue[FollowEvent | ClientError] = attrs.Factory(asyncio.Queue)
 
 
@@ -207,7 +205,7 @@ class Client:
     async def follow(self, build: str, from_: int = 0) -> AsyncIterator[FollowEvent]:
         """The build's log chunks (after ``from_``) and state changes, backlog
         first, then live; ends when the build has ended and every chunk is out."""
-        follower = _Follower(build=build, after=from_)
+        follower = _Follower(Follow(build, from_))
         self._followers.setdefault(build, []).append(follower)
         try:
             try:
@@ -215,19 +213,12 @@ class Client:
             except ConnectionLost:
                 if not self.reconnect:
                     raise  # otherwise the reconnection subscribes it again
-            while True:
+            while not follower.follow.done:
                 item = await follower.queue.get()
                 if isinstance(item, ClientError):
                     raise item
-                if isinstance(item, LogChunk):
-                    if item.seq <= follower.after:
-                        continue
-                    follower.after = item.seq
-                    yield item
-                    continue
-                yield item
-                if item.build.state.finished and follower.after >= item.build.log_seq:
-                    return
+                for event in follower.follow.receive(item):
+                    yield event
         finally:
             followers = self._followers.get(build, [])
             if follower in followers:
@@ -241,10 +232,13 @@ class Client:
                         await self._ws.send(frame)
 
     async def _subscribe(self, build: str) -> None:
-        after = (
-            min(f.after for f in self._followers.get(build, [])) if build in self._followers else 0
-        )
-        await self._request(Subscribe(role=self.role, build=build, from_=after))
+        """One subscription serves every follower of ``build``: from the
+        furthest behind."""
+        followers = [f for f in self._followers.get(build, []) if not f.follow.done]
+        if not followers:
+            return
+        behind = min(followers, key=lambda f: f.follow.after)
+        await self._request(behind.follow.subscribe(self.role))
 
     async def _request(self, message: ClientMessage) -> Any:
         if self._fatal is not None:
