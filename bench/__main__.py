@@ -620,7 +620,8 @@ class Bench:
     def chunk_cost(self) -> None:
         """The hub's own work per log chunk, in memory, with one follower;
         the codec's decode of the same frame for reference."""
-        from citron_protocol import CountingIds, Hub, HubConfig, Role
+        from citron_protocol import Hub, HubConfig, Role
+        from citron_protocol.hub import CountingIds
 
         hub = Hub(CountingIds(), HubConfig(log_cap=1 << 40))
         for conn in (1, 2, 3):
@@ -651,7 +652,8 @@ class Bench:
 def make_history(path: str, n: int) -> None:
     """A SQLite store holding ``n`` finished builds, written straight in
     the schema the server uses."""
-    from citron_protocol import BuildRecord, BuildState
+    from citron_protocol import BuildState
+    from citron_protocol.records import BuildRecord
     from citron_server.store import _connect, _converter
 
     db = _connect(path)

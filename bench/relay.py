@@ -23,7 +23,7 @@ readers: set[Any] = set()
 
 def stored_log(build: str) -> Iterator[str]:
     """The ``log:`` frames of a build stored by citron, page by page."""
-    from citron_protocol import encode_log_chunk
+    from citron_protocol.codec import encode_log_chunk
 
     db = sqlite3.connect(sys.argv[2])
     after = 0

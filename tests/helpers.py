@@ -8,16 +8,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from citron_protocol import (
-    CountingIds,
-    Effects,
-    Hub,
-    HubConfig,
-    LoadLog,
-    MemoryStore,
-    Role,
-    decode_server,
-)
+from citron_protocol import Effects, Hub, HubConfig, Role, decode_server
+from citron_protocol.hub import CountingIds
+from citron_protocol.records import LoadLog, MemoryStore
 
 T0 = 1_700_000_000.0
 

@@ -31,30 +31,27 @@ from websockets.exceptions import ConnectionClosed
 
 from citron_protocol import (
     BuildInfo,
-    BuildReply,
-    Builds,
     BuildState,
     CancelBuild,
     ClientMessage,
     ClientProtocol,
     Failure,
     Follow,
-    FollowEvent,
     GetBuild,
     GetBuilds,
     GetRunners,
     LogChunk,
     ProtocolError,
     Push,
-    Queued,
     Reply,
     Role,
     RunnerInfo,
-    Runners,
     StateChange,
     SubmitBuild,
     Unsubscribe,
 )
+from citron_protocol.client import FollowEvent
+from citron_protocol.messages import BuildReply, Builds, Queued, Runners
 
 from .connection import (
     AuthError,

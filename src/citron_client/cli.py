@@ -25,7 +25,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
-from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo, converter
+from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo
+from citron_protocol.codec import as_data
 
 from .api import Client
 from .connection import AuthError, ConnectError, ConnectionLost, RequestError, TrustError
@@ -190,7 +191,7 @@ class Output:
         return f"\033[{code}m{text}\033[0m" if self.colour and code else text
 
     def json(self, value: Any) -> None:
-        print(json.dumps(converter.unstructure(value), indent=2))
+        print(json.dumps(as_data(value), indent=2))
 
     def table(
         self, headers: list[str], rows: list[list[str]], colour_column: int | None = None

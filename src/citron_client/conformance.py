@@ -26,16 +26,8 @@ import attrs
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from citron_protocol import (
-    BuildState,
-    ErrorCode,
-    ProtocolError,
-    Role,
-    RunnerFinished,
-    RunnerInit,
-    RunnerLog,
-    decode_client,
-)
+from citron_protocol import BuildState, ErrorCode, ProtocolError, Role, decode_client
+from citron_protocol.messages import RunnerFinished, RunnerInit, RunnerLog
 
 from .wire import Closed, Wire
 

@@ -31,14 +31,13 @@ from citron_protocol import (
     GetRunners,
     ProtocolError,
     Role,
-    RunnerInit,
     SubmitBuild,
     Subscribe,
     Unsubscribe,
     decode_server,
-    parse_client,
-    split_client,
 )
+from citron_protocol.codec import parse_client, split_client
+from citron_protocol.messages import RunnerInit
 
 from .connection import ClientError
 from .wire import Closed, Wire, WireTimeout

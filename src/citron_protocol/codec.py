@@ -78,10 +78,10 @@ from .messages import (
 )
 
 __all__ = [
+    "as_data",
     "CLIENT_COMMANDS",
     "SERVER_COMMANDS",
     "answer_unavailable",
-    "converter",
     "decode",
     "decode_client",
     "decode_server",
@@ -137,9 +137,9 @@ SERVER_COMMANDS: Final[Mapping[str, type[ServerMessage]]] = {
 #: Commands whose canonical frame has an empty payload when no field is set.
 _EMPTY_WHEN_BARE: Final = frozenset({"unregister", "shutdown", "get_runners"})
 
-# -- the converter ------------------------------------------------------------------
+# -- the converter --------------------------------------------------------------------
 
-converter: Final = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+_converter: Final = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
 """The one converter of payloads to messages and back.
 
 Primitive fields pass through unchanged, and the message classes' validators
@@ -153,14 +153,14 @@ def _passthrough(value: Any, _: Any) -> Any:
 
 
 for _t in (str, int, float, bool):
-    converter.register_structure_hook(_t, _passthrough)
+    _converter.register_structure_hook(_t, _passthrough)
 _PASSTHROUGH_TYPES: Final = (
     tuple[str, ...],
     dict[str, str],
     tuple[BuildInfo, ...],
     tuple[RunnerInfo, ...],
 )
-converter.register_structure_hook_func(lambda t: t in _PASSTHROUGH_TYPES, _passthrough)
+_converter.register_structure_hook_func(lambda t: t in _PASSTHROUGH_TYPES, _passthrough)
 
 
 def _enum_or_raw(value: Any, kind: type[StrEnum]) -> Any:
@@ -171,7 +171,7 @@ def _enum_or_raw(value: Any, kind: type[StrEnum]) -> Any:
 
 
 for _e in (BuildState, RunnerState, Role):
-    converter.register_structure_hook(_e, _enum_or_raw)
+    _converter.register_structure_hook(_e, _enum_or_raw)
 
 
 class _NotAnObject(TypeError):
@@ -180,7 +180,7 @@ class _NotAnObject(TypeError):
 
 def _object_hook(cls: type[Any]) -> Callable[[Any, Any], Any]:
     renames = {"from_": override(rename="from")} if "from_" in attrs.fields_dict(cls) else {}
-    inner = make_dict_structure_fn(cls, converter, **renames)  # type: ignore[arg-type]
+    inner = make_dict_structure_fn(cls, _converter, **renames)  # type: ignore[arg-type]
 
     def structure(value: Any, _: Any) -> Any:
         if not isinstance(value, dict):
@@ -191,8 +191,8 @@ def _object_hook(cls: type[Any]) -> Callable[[Any, Any], Any]:
 
 
 for _obj in (Resume, ResumePoint, RunnerInfo, BuildInfo):
-    converter.register_structure_hook(_obj, _object_hook(_obj))
-    converter.register_unstructure_hook(_obj, make_dict_unstructure_fn(_obj, converter))
+    _converter.register_structure_hook(_obj, _object_hook(_obj))
+    _converter.register_unstructure_hook(_obj, make_dict_unstructure_fn(_obj, _converter))
 
 # Messages: a payload's absent keys are the fields' defaults, and encoding
 # leaves out every field that is None (and ``protocol: 0`` of a legacy init).
@@ -202,10 +202,10 @@ _UNSTRUCTURE: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
 
 def _register_message(cls: type[Any], omit: bool = True) -> None:
     renames = {"from_": override(rename="from")} if "from_" in attrs.fields_dict(cls) else {}
-    structure = make_dict_structure_fn(cls, converter, **renames)  # type: ignore[arg-type]
+    structure = make_dict_structure_fn(cls, _converter, **renames)  # type: ignore[arg-type]
     unstructure = make_dict_unstructure_fn(
         cls,
-        converter,
+        _converter,
         _cattrs_omit_if_default=omit,
         **renames,  # type: ignore[arg-type]
     )
@@ -243,7 +243,7 @@ def _structure_list(items: Any, cls: type[Any], key: str) -> tuple[Any, ...]:
     if not isinstance(items, list):
         raise FieldError(key, "expected a list")
     out = []
-    hook = converter.get_structure_hook(cls)
+    hook = _converter.get_structure_hook(cls)
     for i, item in enumerate(items):
         try:
             out.append(hook(item, cls))
@@ -264,11 +264,11 @@ def _without_req(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _STRUCTURE[BuildReply] = lambda d: BuildReply(
-    build=converter.structure(_without_req(d), BuildInfo), req=d.get("req")
+    build=_converter.structure(_without_req(d), BuildInfo), req=d.get("req")
 )
-_STRUCTURE[StateChange] = lambda d: StateChange(build=converter.structure(d, BuildInfo))
+_STRUCTURE[StateChange] = lambda d: StateChange(build=_converter.structure(d, BuildInfo))
 _STRUCTURE[RunnerChange] = lambda d: RunnerChange(
-    runner=converter.structure({k: v for k, v in d.items() if k != "gone"}, RunnerInfo),
+    runner=_converter.structure({k: v for k, v in d.items() if k != "gone"}, RunnerInfo),
     gone=d.get("gone", False),
 )
 _STRUCTURE[Runners] = lambda d: Runners(
@@ -295,20 +295,22 @@ def _with_req(d: dict[str, Any], req: str | None) -> dict[str, Any]:
     return d
 
 
-_UNSTRUCTURE[BuildReply] = lambda m: _with_req(converter.unstructure(m.build), m.req)
-_UNSTRUCTURE[StateChange] = lambda m: converter.unstructure(m.build)
+_UNSTRUCTURE[BuildReply] = lambda m: _with_req(_converter.unstructure(m.build), m.req)
+_UNSTRUCTURE[StateChange] = lambda m: _converter.unstructure(m.build)
 _UNSTRUCTURE[RunnerChange] = lambda m: (
-    {**converter.unstructure(m.runner), "gone": True} if m.gone else converter.unstructure(m.runner)
+    {**_converter.unstructure(m.runner), "gone": True}
+    if m.gone
+    else _converter.unstructure(m.runner)
 )
 _UNSTRUCTURE[Runners] = lambda m: _with_req(
     {
-        "runners": [converter.unstructure(r) for r in m.runners],
+        "runners": [_converter.unstructure(r) for r in m.runners],
         **({"more": True} if m.more else {}),
     },
     m.req,
 )
 _UNSTRUCTURE[Builds] = lambda m: _with_req(
-    {"builds": [converter.unstructure(b) for b in m.builds], **({"more": True} if m.more else {})},
+    {"builds": [_converter.unstructure(b) for b in m.builds], **({"more": True} if m.more else {})},
     m.req,
 )
 
@@ -700,6 +702,12 @@ def encode_log_chunk(build: str, seq: int, log: str) -> str:
     """``encode(LogChunk(build=build, seq=seq, log=log))``, without building the
     message: the hub's hot path. The arguments must be valid."""
     return "log:" + orjson.dumps({"build": build, "seq": seq, "log": log}).decode()
+
+
+def as_data(value: Any) -> Any:
+    """An object of the wire (``BuildInfo``, ``RunnerInfo``, a message) as
+    the plain dicts and lists its JSON has."""
+    return _converter.unstructure(value)
 
 
 def encode(message: Message) -> str:

@@ -55,18 +55,10 @@ import cattrs
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from citron_protocol import (
-    BuildRecord,
-    CloseCode,
-    FindBuilds,
-    Hub,
-    HubConfig,
-    LogRecord,
-    Record,
-    Role,
-    SnapshotError,
-    answer_unavailable,
-)
+from citron_protocol import Hub, HubConfig, Role, SnapshotError
+from citron_protocol.codec import answer_unavailable
+from citron_protocol.hub import CloseCode
+from citron_protocol.records import BuildRecord, FindBuilds, LogRecord, Record
 
 from .host import Connection, Host, HostConfig
 from .settings import redacted

@@ -28,18 +28,11 @@ from typing import Protocol
 
 import attrs
 
-from citron_protocol import (
-    BuildRecord,
-    CloseCode,
-    Effects,
-    FindBuilds,
-    Hub,
-    HubConfig,
-    LoadLog,
-    Role,
-    frame_head,
-    utf8_size,
-)
+from citron_protocol import Effects, Hub, HubConfig, Role
+from citron_protocol.codec import frame_head
+from citron_protocol.hub import CloseCode
+from citron_protocol.messages import utf8_size
+from citron_protocol.records import BuildRecord, FindBuilds, LoadLog
 
 from .store import Store, StoreError
 

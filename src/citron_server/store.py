@@ -32,8 +32,7 @@ from typing import Any, Protocol
 import attrs
 import cattrs
 
-from citron_protocol import BuildRecord, FindBuilds, LogRecord, Record
-from citron_protocol.records import LIVE_STATES, page_of
+from citron_protocol.records import LIVE_STATES, BuildRecord, FindBuilds, LogRecord, Record, page_of
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError"]
 
@@ -67,7 +66,7 @@ class Store(Protocol):
         ...
 
     async def find_builds(self, query: FindBuilds) -> list[BuildRecord] | None:
-        """The answer to ``query`` (see :class:`~citron_protocol.FindBuilds`)."""
+        """The answer to ``query`` (see :class:`~citron_protocol.records.FindBuilds`)."""
         ...
 
     async def purge(self, finished_before: float, max_rows: int) -> int:

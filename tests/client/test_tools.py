@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from citron_protocol import CountingIds, Effects, Hub, MemoryStore, Role
+from citron_protocol import Effects, Hub, Role
+from citron_protocol.hub import CountingIds
+from citron_protocol.records import MemoryStore
 
 from ..conftest import ServerFactory
 from ..procs import citron, runner_argv

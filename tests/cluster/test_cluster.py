@@ -507,7 +507,8 @@ async def test_builds_beyond_the_window_are_read_from_redis(
 async def test_retention_on_redis_deletes_what_it_should_and_nothing_else(
     redis_server: RedisServer,
 ) -> None:
-    from citron_protocol import BuildRecord, BuildState, LogRecord
+    from citron_protocol import BuildState
+    from citron_protocol.records import BuildRecord, LogRecord
     from citron_server.cluster import ClusterConfig, RedisStore
 
     redis_server.client().flushall()

@@ -17,33 +17,34 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from citron_protocol import (
-    CLIENT_COMMANDS,
-    MAX_INT,
-    SERVER_COMMANDS,
     ErrorCode,
-    Forbidden,
-    InvalidPayload,
     LogChunk,
-    MalformedFrame,
     ProtocolError,
     Role,
     Run,
-    RunnerFinished,
-    RunnerInit,
-    RunnerLog,
     SubmitBuild,
-    UnknownCommand,
-    UnknownRole,
     decode,
     decode_client,
     decode_server,
     encode,
+)
+from citron_protocol import strategies as cst
+from citron_protocol.codec import (
+    CLIENT_COMMANDS,
+    SERVER_COMMANDS,
     encode_log_chunk,
     frame_head,
     peek_req,
     repair_legacy_payload,
 )
-from citron_protocol import strategies as cst
+from citron_protocol.errors import (
+    Forbidden,
+    InvalidPayload,
+    MalformedFrame,
+    UnknownCommand,
+    UnknownRole,
+)
+from citron_protocol.messages import MAX_INT, RunnerFinished, RunnerInit, RunnerLog
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "legacy-php-runner.jsonl"
 SHARED_VECTORS = Path(__file__).parents[3] / "shared" / "vectors" / "legacy-php-runner.jsonl"
@@ -344,8 +345,12 @@ def test_role_enum_matches_grammar() -> None:
 
 # -- the hot path equals the general path ---------------------------------------------
 
-from citron_protocol import fast_runner_log  # noqa: E402
-from citron_protocol.codec import _STRUCTURE, _fast_decode_log, _parse_general  # noqa: E402
+from citron_protocol.codec import (  # noqa: E402
+    _STRUCTURE,
+    _fast_decode_log,
+    _parse_general,
+    fast_runner_log,
+)
 
 _values = st.one_of(
     st.none(),

@@ -15,13 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from citron_protocol import (
-    BuildState,
-    CountingIds,
-    Hub,
-    HubConfig,
-    SnapshotError,
-)
+from citron_protocol import BuildState, Hub, HubConfig, SnapshotError
+from citron_protocol.hub import CountingIds
 
 from ..helpers import Harness
 

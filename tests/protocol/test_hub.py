@@ -8,17 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from citron_protocol import (
-    BuildState,
-    CloseCode,
-    CountingIds,
-    Hub,
-    HubConfig,
-    Role,
-    RunnerState,
-    decode_server,
-)
+from citron_protocol import BuildState, Hub, HubConfig, Role, RunnerState, decode_server
 from citron_protocol import strategies as cst
+from citron_protocol.hub import CloseCode, CountingIds
 
 from ..helpers import T0, Harness, commands
 
@@ -1053,7 +1045,7 @@ def test_replay_pages_are_bounded_in_bytes() -> None:
 
 
 def encode_back_log(build: str, seq: int, text: str) -> str:
-    from citron_protocol import encode_log_chunk
+    from citron_protocol.codec import encode_log_chunk
 
     return encode_log_chunk(build, seq, text)
 

@@ -8,8 +8,8 @@ import pickle
 import attrs
 import pytest
 
-from citron_protocol import BuildRecord, BuildState, FindBuilds, LogRecord, MemoryStore
-from citron_protocol.records import log_record
+from citron_protocol import BuildState
+from citron_protocol.records import BuildRecord, FindBuilds, LogRecord, MemoryStore, log_record
 
 
 def test_the_fast_log_record_is_an_ordinary_log_record() -> None:

@@ -16,9 +16,9 @@ from citron_protocol import (
     RunnerProtocol,
     ServerError,
     ShutdownRequested,
-    UnexpectedMessage,
     UsageError,
 )
+from citron_protocol.runner import UnexpectedMessage
 
 from ..helpers import Harness
 

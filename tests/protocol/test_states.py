@@ -6,24 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from citron_protocol import (
+from citron_protocol import BuildState, RunnerState, UsageError
+from citron_protocol.states import (
     BUILD_TRANSITIONS,
+    PHASE_TRANSITIONS,
     BuildEvent,
-    BuildState,
+    PhaseEvent,
     RunnerEvent,
-    RunnerState,
-    UsageError,
+    RunnerPhase,
     build_diagram,
     next_build_state,
-    next_runner_state,
-    runner_diagram,
-)
-from citron_protocol.states import (
-    PHASE_TRANSITIONS,
-    PhaseEvent,
-    RunnerPhase,
     next_phase,
+    next_runner_state,
     phase_diagram,
+    runner_diagram,
 )
 
 DOC = Path(__file__).parents[2] / "docs" / "protocol.md"

@@ -10,7 +10,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from citron_protocol import BuildRecord, BuildState, FindBuilds, LogRecord
+from citron_protocol import BuildState
+from citron_protocol.records import BuildRecord, FindBuilds, LogRecord
 from citron_server.store import SCHEMA_VERSION, SqliteStore, StoreError
 
 
