@@ -22,6 +22,14 @@ logs to read (``loads``) and stored builds to find (``finds``). The hub
 never reads a clock, never touches I/O and never raises on a peer's input: a
 bad frame is answered with ``error:``.
 
+The hub is a facade over its parts, each in its own module with its own
+tests: :mod:`._session` (one connection: role binding, parsing, request
+budget, error window), :mod:`._scheduler` (the queue and the waiting
+runners), :mod:`._state` (the records of builds, runners and
+subscriptions, and the one place a build and its runner are linked) and
+:mod:`._snapshot` (the snapshot's JSON content). States change only
+through the tables of :mod:`.states`.
+
 Ids and secrets come from an :class:`IdSource` the host passes in. The hub keeps
 its working set in memory: connections, runners, the builds not finished, and
 the ``HubConfig.window`` most recent finished builds (by number). Every build
@@ -38,20 +46,25 @@ import hmac
 import json
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import attrs
 import cattrs
 
+from . import _snapshot as snap
+from ._scheduler import Scheduler
+from ._session import Refused
+from ._session import Session as _Conn
+from ._state import Build as _Build
+from ._state import Runner as _Runner
+from ._state import Sub as _Sub
+from ._state import hash_secret as _hash_secret
+from ._state import link, unlink
 from .codec import (
     decode_client,
     encode,
     encode_log_chunk,
     fast_log_frame,
-    parse_client,
-    peek_req,
-    split_client,
 )
 from .errors import ErrorCode, ProtocolError, SnapshotError, UsageError
 from .messages import (
@@ -270,210 +283,6 @@ class _Query:
     rounds: int = 0
 
 
-# -- the hub's own state ----------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class _Sub:
-    """A connection following one build's log."""
-
-    conn: _Conn
-    build: _Build
-    after: int  # the last seq sent (or skipped by ``from``)
-    until: int = 0  # while replaying: the last seq that comes from the store
-    pending: list[tuple[int, str]] | None = None  # while replaying: live frames held back
-    request: int | None = None  # while replaying: the page asked of the host
-
-
-@attrs.define(eq=False)
-class _Conn:
-    id: ConnId
-    roles: frozenset[Role]
-    role: Role | None = None
-    runner: _Runner | None = None
-    subs: dict[str, _Sub] = attrs.Factory(dict)
-    feed: bool = False
-    errors: deque[float] = attrs.Factory(deque)
-    closing: bool = False
-    local: bool = True  # served by this hub's host (see Hub.connect)
-    tokens: float = 0.0  # the request budget left (see Hub._spend)
-    refilled: float = 0.0  # when ``tokens`` was last brought up to date
-    out_key: tuple[str, str] = ("", "log")  # metrics key of a log: frame sent to it
-
-    def take_role(self, role: Role) -> None:
-        self.role = role
-        self.out_key = (role.value, "log")
-
-
-@attrs.define(eq=False)
-class _Runner:
-    id: str
-    conn: _Conn
-    init: RunnerInit
-    session: str
-    state: RunnerState | None = None
-    build: _Build | None = None
-
-    def info(self) -> RunnerInfo:
-        assert self.state is not None
-        return RunnerInfo(
-            id=self.id,
-            type=self.init.type,
-            name=self.init.name,
-            state=self.state,
-            build=self.build.id if self.build else None,
-        )
-
-
-@attrs.define(eq=False)
-class _Build:
-    record: BuildRecord  # as last saved; the log counters below are newer
-    runner: _Runner | None = None  # the registration running it, if connected
-    subs: dict[ConnId, _Sub] = attrs.Factory(dict)
-    queue_order: int = 0
-    windowed: bool = False  # finished, and counted in the hub's window
-    secrets: dict[str, str] | None = None  # never persisted
-    # Counters that change with every chunk, kept out of the frozen record.
-    log_seq: int = 0
-    log_bytes: int = 0
-    run_seq: int = 0
-
-    @classmethod
-    def of(cls, record: BuildRecord, secrets: dict[str, str] | None = None) -> _Build:
-        return cls(
-            record=record,
-            secrets=secrets,
-            log_seq=record.log_seq,
-            log_bytes=record.log_bytes,
-            run_seq=record.run_seq,
-        )
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def state(self) -> BuildState:
-        return self.record.state
-
-    def info(self) -> BuildInfo:
-        r = self.record
-        return BuildInfo(
-            id=r.id,
-            state=r.state,
-            repo=r.repo,
-            script=r.script,
-            type=r.type,
-            ref=r.ref,
-            runner=r.runner,
-            attempt=r.attempt,
-            created=rfc3339(r.created),
-            started=rfc3339(r.started) if r.started is not None else None,
-            finished=rfc3339(r.finished) if r.finished is not None else None,
-            success=r.success,
-            log_seq=self.log_seq,
-            log_bytes=self.log_bytes,
-            truncated=r.truncated,
-        )
-
-
-def rfc3339(t: float) -> str:
-    """Seconds since the epoch as an RFC 3339 UTC string (millisecond precision)."""
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-# -- the snapshot's content --------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class _ConnState:
-    id: Any  # str, int, or a list of them (a tuple id)
-    roles: list[str]
-    role: str | None
-    errors: list[float]
-    closing: bool
-    tokens: float
-    refilled: float
-
-
-@attrs.frozen(kw_only=True)
-class _RunnerStateRecord:
-    id: str
-    conn: Any
-    init: str  # its RUNNER:init frame
-    session: str
-    state: str | None
-
-
-@attrs.frozen(kw_only=True)
-class _BuildState:
-    record: BuildRecord
-    runner: str | None
-    queue_order: int
-    secrets: dict[str, str] | None
-    log_seq: int
-    log_bytes: int
-    run_seq: int
-
-
-@attrs.frozen(kw_only=True)
-class _HubState:
-    now: float
-    counter: int
-    number: int
-    evicted: int
-    evictions: int
-    next_expiry: float
-    conns: list[_ConnState]
-    runners: list[_RunnerStateRecord]
-    waiting: list[str]  # waiting runners, longest first
-    builds: list[_BuildState]
-    deadlines: dict[str, float]
-
-
-_snapshot_converter = cattrs.Converter(forbid_extra_keys=True)
-
-
-def _strict(kind: type[Any]) -> Callable[[Any, Any], Any]:
-    """Take a JSON value only of exactly ``kind`` (cattrs would convert)."""
-
-    def structure(value: Any, _: Any) -> Any:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if type(value) is not kind:
-            raise TypeError(f"{value!r} is not a {kind.__name__}")
-        return value
-
-    return structure
-
-
-for _kind in (str, int, float, bool):
-    _snapshot_converter.register_structure_hook(_kind, _strict(_kind))
-_snapshot_converter.register_structure_hook(Any, lambda value, _: value)
-_snapshot_converter.register_structure_hook(BuildState, lambda value, _: BuildState(value))
-
-
-def _check_conn_id(value: Any) -> None:
-    if isinstance(value, tuple):
-        for item in value:
-            _check_conn_id(item)
-    elif type(value) not in (str, int):
-        raise UsageError(f"connection id {value!r}: a snapshot takes str, int or tuples of them")
-
-
-def _conn_id_of(value: Any) -> ConnId:
-    """A connection id from JSON: lists were tuples."""
-    if isinstance(value, list):
-        return tuple(_conn_id_of(item) for item in value)
-    if type(value) not in (str, int):
-        raise SnapshotError(f"hub snapshot content does not check out: connection id {value!r}")
-    return value  # type: ignore[no-any-return]
-
-
 # -- the hub ------------------------------------------------------------------------
 
 
@@ -490,15 +299,11 @@ class Hub:
         self._feed: dict[ConnId, _Conn] = {}  # connections following the live feed
         self._runners: dict[str, _Runner] = {}
         self._builds: dict[str, _Build] = {}  # in creation order
-        self._queue_any: dict[str, _Build] = {}  # queued builds without a type
-        self._queue_typed: dict[str, dict[str, _Build]] = {}  # type -> queued builds
-        self._waiting_any: dict[str, _Runner] = {}  # waiting runners, longest first
-        self._waiting_typed: dict[str, dict[str, _Runner]] = {}
+        self._scheduler = Scheduler()  # the queue and the waiting runners
         self._deadlines: dict[str, float] = {}  # build id -> grace or cancel deadline
         self._loads: dict[int, _Sub] = {}
         self._queries: dict[int, _Query] = {}  # waiting for the store
         self._query: _Query | None = None  # the one being answered
-        self._counter = _Counter()
         self._requests = _Counter()  # apart: loads are local to a host
         self._number = 0
         # The window: finished builds in memory, a min-heap by number.
@@ -551,7 +356,7 @@ class Hub:
                 self._notice(build, "its secrets were lost in a server restart; submit it again")
                 self._transition(build, BuildEvent.LOSE)
             elif record.state is BuildState.QUEUED:
-                self._enqueue(build)
+                self._scheduler.enqueue(build)
             elif record.state in (BuildState.RUNNING, BuildState.CANCELLING):
                 self._deadlines[record.id] = now + self.config.lost_grace
         return self._flush()
@@ -595,38 +400,19 @@ class Hub:
                     self._error(c, refusal.code, refusal.message)
                 return self._flush()
         try:
-            role, command, payload = split_client(text)
-        except ProtocolError as exc:
-            self._error(c, exc.code, exc.message, exc.req)
+            message, command, payload = c.parse(text)
+        except Refused as refused:
+            self._error(c, refused.code, refused.message, refused.req)
+            if refused.close:
+                self._close(c, CloseCode.POLICY, "unauthorized")
             return self._flush()
-        if role not in c.roles:
-            self._error(
-                c,
-                ErrorCode.UNAUTHORIZED,
-                f"this connection may not use the {role} role",
-                peek_req(payload),
-            )
-            self._close(c, CloseCode.POLICY, "unauthorized")
-            return self._flush()
-        if c.role is None:
-            c.take_role(role)
-        elif role is not c.role:
-            self._error(
-                c,
-                ErrorCode.ROLE_MISMATCH,
-                f"this connection is {c.role}, not {role}",
-                peek_req(payload),
-            )
-            return self._flush()
-        try:
-            message = parse_client(role, command, payload)
-        except ProtocolError as exc:
-            self._error(c, exc.code, exc.message, exc.req)
-            return self._flush()
+        role = message.role
         if c.local:
             key = (role.value, command)
             self.stats.frames_in[key] = self.stats.frames_in.get(key, 0) + 1
-        if role is not Role.RUNNER and not self._spend(c):
+        if role is not Role.RUNNER and not c.spend(
+            now, self.config.request_rate, self.config.request_burst
+        ):
             self._error(
                 c,
                 ErrorCode.RATE_LIMITED,
@@ -833,7 +619,7 @@ class Hub:
         """
         if self._fx:
             raise UsageError("take a snapshot between calls, not inside one")
-        content = _snapshot_converter.unstructure(self._state())
+        content = snap.converter.unstructure(self._state())
         body = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return json.dumps(
             {
@@ -880,25 +666,25 @@ class Hub:
         if not hmac.compare_digest(hashlib.sha256(body.encode()).hexdigest(), digest):
             raise SnapshotError("hub snapshot content does not match its digest: refused")
         try:
-            state = _snapshot_converter.structure(json.loads(body), _HubState)
+            state = snap.converter.structure(json.loads(body), snap.HubState)
         except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
             raise SnapshotError(f"hub snapshot content does not check out: {exc}") from None
         hub = cls(ids, config)
         hub._load_state(state)
         return hub
 
-    def _state(self) -> _HubState:
+    def _state(self) -> snap.HubState:
         for c in self._conns.values():
-            _check_conn_id(c.id)
-        return _HubState(
+            snap.check_conn_id(c.id)
+        return snap.HubState(
             now=self._now,
-            counter=self._counter.value,
+            counter=self._scheduler.order,
             number=self._number,
             evicted=self._evicted,
             evictions=self._evictions,
             next_expiry=self._next_expiry,
             conns=[
-                _ConnState(
+                snap.ConnState(
                     id=c.id,
                     roles=sorted(r.value for r in c.roles),
                     role=c.role.value if c.role else None,
@@ -910,7 +696,7 @@ class Hub:
                 for c in self._conns.values()
             ],
             runners=[
-                _RunnerStateRecord(
+                snap.RunnerRecord(
                     id=r.id,
                     conn=r.conn.id,
                     init=encode(r.init),
@@ -919,9 +705,9 @@ class Hub:
                 )
                 for r in self._runners.values()
             ],
-            waiting=list(self._waiting_any),
+            waiting=self._scheduler.waiting(),
             builds=[
-                _BuildState(
+                snap.BuildEntry(
                     record=b.record,
                     runner=b.runner.id if b.runner else None,
                     queue_order=b.queue_order,
@@ -935,20 +721,20 @@ class Hub:
             deadlines=dict(self._deadlines),
         )
 
-    def _load_state(self, state: _HubState) -> None:
+    def _load_state(self, state: snap.HubState) -> None:
         """Rebuild from ``state``, checking every link; raises SnapshotError."""
 
         def bad(why: str) -> SnapshotError:
             return SnapshotError(f"hub snapshot content does not check out: {why}")
 
         self._now = state.now
-        self._counter.value = state.counter
+        self._scheduler.order = state.counter
         self._number = state.number
         self._evicted = state.evicted
         self._evictions = state.evictions
         self._next_expiry = state.next_expiry
         for cs in state.conns:
-            conn_id = _conn_id_of(cs.id)
+            conn_id = snap.conn_id_of(cs.id)
             if conn_id in self._conns:
                 raise bad(f"connection {cs.id!r} twice")
             try:
@@ -968,7 +754,7 @@ class Hub:
             if role is not None:
                 conn.take_role(role)
         for rs in state.runners:
-            holder_conn = self._conns.get(_conn_id_of(rs.conn))
+            holder_conn = self._conns.get(snap.conn_id_of(rs.conn))
             if holder_conn is None or holder_conn.runner is not None or rs.id in self._runners:
                 raise bad(f"runner {rs.id!r} and its connection")
             try:
@@ -999,30 +785,26 @@ class Hub:
                 holder = self._runners.get(bs.runner)
                 if holder is None or holder.build is not None or record.state.finished:
                     raise bad(f"build {record.id!r} and its runner {bs.runner!r}")
-                holder.build, build.runner = build, holder
+                link(build, holder)
             self._builds[record.id] = build
-        for build in sorted(self._builds.values(), key=lambda b: b.record.number):
-            if build.state is BuildState.QUEUED:
-                t = build.record.type
-                queue = self._queue_any if t is None else self._queue_typed.setdefault(t, {})
-                queue[build.id] = build
-            elif build.state.finished:
+        self._builds = dict(sorted(self._builds.items(), key=lambda kv: kv[1].record.number))
+        queued = [b for b in self._builds.values() if b.state is BuildState.QUEUED]
+        for build in sorted(queued, key=lambda b: b.queue_order):
+            self._scheduler.enqueue(build, order=build.queue_order)
+        for build in self._builds.values():
+            if build.state.finished:
                 build.windowed = True
                 heapq.heappush(self._window, (build.record.number, build.id))
-        for queue in (self._queue_any, *self._queue_typed.values()):
-            ordered = sorted(queue.values(), key=lambda b: b.queue_order)
-            queue.clear()
-            queue.update((b.id, b) for b in ordered)
-        self._builds = dict(sorted(self._builds.items(), key=lambda kv: kv[1].record.number))
         for runner_id in state.waiting:
             waiter = self._runners.get(runner_id)
             if waiter is None or waiter.state is not RunnerState.WAITING:
                 raise bad(f"waiting runner {runner_id!r}")
-            self._waiting_any[runner_id] = waiter
-            self._waiting_typed.setdefault(waiter.init.type, {})[runner_id] = waiter
+            self._scheduler.wait(waiter)
         for runner in self._runners.values():
             waiting = runner.state is RunnerState.WAITING
-            if waiting != (runner.id in self._waiting_any) or waiting == (runner.build is not None):
+            if waiting != self._scheduler.is_waiting(runner) or waiting == (
+                runner.build is not None
+            ):
                 raise bad(f"runner {runner.id!r} is {runner.state} with build {runner.build}")
         for build_id in state.deadlines:
             if build_id not in self._builds:
@@ -1060,7 +842,7 @@ class Hub:
 
     def queue_depth(self) -> int:
         """Builds waiting for a runner."""
-        return len(self._queue_any) + sum(len(q) for q in self._queue_typed.values())
+        return self._scheduler.depth()
 
     def build(self, build_id: str) -> BuildInfo | None:
         """A build as the wire shows it, or None."""
@@ -1124,16 +906,6 @@ class Hub:
             c.closing = True
             self._fx.closes.append(Close(c.id, code, reason))
 
-    def _spend(self, c: _Conn) -> bool:
-        """Take one request from ``c``'s token bucket; False if it is empty."""
-        refill = (self._now - c.refilled) * self.config.request_rate
-        c.tokens = min(float(self.config.request_burst), c.tokens + refill)
-        c.refilled = self._now
-        if c.tokens < 1:
-            return False
-        c.tokens -= 1
-        return True
-
     def _error(
         self,
         c: _Conn,
@@ -1148,11 +920,7 @@ class Hub:
         self._send(c.id, Error(code=code.value, message=message, req=req))
         if code is ErrorCode.RATE_LIMITED or not count:
             return  # a limit, not a fault: the connection stays open
-        window = c.errors
-        window.append(self._now)
-        while window and window[0] <= self._now - self.config.error_window:
-            window.popleft()
-        if len(window) > self.config.max_errors:
+        if c.fault(self._now, self.config.error_window, self.config.max_errors):
             self._close(c, CloseCode.POLICY, "too many errors")
 
     def _save(self, build: _Build, **changes: Any) -> None:
@@ -1246,52 +1014,28 @@ class Hub:
     def _notice(self, build: _Build, text: str) -> None:
         self._append_log(build, f"\n[citron] {text}\n", None)
 
-    def _enqueue(self, build: _Build) -> None:
-        build.queue_order = next(self._counter)
-        t = build.record.type
-        if t is None:
-            self._queue_any[build.id] = build
-        else:
-            self._queue_typed.setdefault(t, {})[build.id] = build
-
-    def _dequeue(self, build: _Build) -> None:
-        t = build.record.type
-        if t is None:
-            self._queue_any.pop(build.id, None)
-        else:
-            queue = self._queue_typed.get(t, {})
-            queue.pop(build.id, None)
-            if not queue:
-                self._queue_typed.pop(t, None)
-
     def _dispatch_build(self, build: _Build) -> None:
         """A build was queued: give it to the runner that has waited longest."""
-        t = build.record.type
-        pool = self._waiting_any if t is None else self._waiting_typed.get(t)
-        if pool:
-            self._start(build, next(iter(pool.values())))
+        runner = self._scheduler.runner_for(build)
+        if runner is not None:
+            self._start(build, runner)
 
     def _dispatch_runner(self, runner: _Runner) -> None:
         """A runner is waiting: give it the oldest build it can run."""
-        candidates = []
-        if self._queue_any:
-            candidates.append(next(iter(self._queue_any.values())))
-        typed = self._queue_typed.get(runner.init.type)
-        if typed:
-            candidates.append(next(iter(typed.values())))
-        if candidates:
-            self._start(min(candidates, key=lambda b: b.queue_order), runner)
+        build = self._scheduler.build_for(runner)
+        if build is not None:
+            self._start(build, runner)
 
     def _start(self, build: _Build, runner: _Runner) -> None:
-        self._dequeue(build)
+        self._scheduler.dequeue(build)
         if build.record.secret_names and build.secrets is None:
             # Secrets live only in memory: a restart took them.
             self._notice(build, "its secrets were lost in a server restart; submit it again")
             self._transition(build, BuildEvent.LOSE)
             self._dispatch_runner(runner)
             return
-        self._set_runner_state(runner, RunnerEvent.DISPATCH, build)
-        build.runner = runner
+        self._set_runner_state(runner, RunnerEvent.DISPATCH)
+        link(build, runner)
         self._transition(
             build,
             BuildEvent.DISPATCH,
@@ -1317,7 +1061,7 @@ class Hub:
 
     def _lose(self, build: _Build) -> None:
         """The build's runner is gone for good: the lost policy."""
-        build.runner = None
+        unlink(build)
         attempt = build.record.attempt
         was_cancelling = build.state is BuildState.CANCELLING
         self._transition(build, BuildEvent.LOSE)
@@ -1339,7 +1083,7 @@ class Hub:
                 run_seq=0,
                 session_hash=None,
             )
-            self._enqueue(build)
+            self._scheduler.enqueue(build)
             self._dispatch_build(build)
         else:
             self._notice(build, f"attempt {attempt} lost its runner; no retry left")
@@ -1347,25 +1091,21 @@ class Hub:
 
     # -- runners ----------------------------------------------------------------------
 
-    def _set_runner_state(self, runner: _Runner, event: RunnerEvent, build: _Build | None) -> None:
+    def _set_runner_state(self, runner: _Runner, event: RunnerEvent) -> None:
+        """The one place a runner's state changes: by the table, and in or
+        out of the scheduler's waiting runners with it."""
         old = runner.state
         runner.state = next_runner_state(old, event)
-        runner.build = build
         if old is RunnerState.WAITING:
-            self._waiting_any.pop(runner.id, None)
-            typed = self._waiting_typed.get(runner.init.type, {})
-            typed.pop(runner.id, None)
-            if not typed:
-                self._waiting_typed.pop(runner.init.type, None)
+            self._scheduler.unwait(runner)
         if runner.state is RunnerState.WAITING:
-            self._waiting_any[runner.id] = runner
-            self._waiting_typed.setdefault(runner.init.type, {})[runner.id] = runner
+            self._scheduler.wait(runner)
 
     def _release(self, runner: _Runner, dispatch: bool = True) -> None:
         """The runner's build ended: it waits for the next one."""
-        if runner.build is not None and runner.build.runner is runner:
-            runner.build.runner = None
-        self._set_runner_state(runner, RunnerEvent.RELEASE, None)
+        if runner.build is not None:
+            unlink(runner.build)
+        self._set_runner_state(runner, RunnerEvent.RELEASE)
         self._notify_runner(runner)
         if dispatch and not runner.conn.closing:
             self._dispatch_runner(runner)
@@ -1373,12 +1113,12 @@ class Hub:
     def _runner_leaves(self, runner: _Runner, unregistered: bool) -> None:
         build = runner.build
         self._notify_runner(runner, gone=True)
-        self._set_runner_state(runner, RunnerEvent.LEAVE, None)
+        self._set_runner_state(runner, RunnerEvent.LEAVE)
         self._runners.pop(runner.id, None)
         runner.conn.runner = None
-        if build is None or build.runner is not runner:
+        if build is None:
             return
-        build.runner = None
+        unlink(build)
         if unregistered or build.state is BuildState.CANCELLING:
             self._lose(build)
         else:
@@ -1418,7 +1158,7 @@ class Hub:
         self._runners[runner.id] = runner
         build = self._resumable(msg)
         if build is None:
-            self._set_runner_state(runner, RunnerEvent.REGISTER, None)
+            self._set_runner_state(runner, RunnerEvent.REGISTER)
             self._send(
                 c.id, Ready(runner=runner.id, protocol=PROTOCOL_VERSION, session=runner.session)
             )
@@ -1426,16 +1166,14 @@ class Hub:
             self._dispatch_runner(runner)
             return
         # Resume: the build continues on this connection.
-        old = build.runner
+        old = unlink(build)
         if old is not None:  # the old connection is stale: replace it
-            old.build = None
-            build.runner = None
             self._close(old.conn, CloseCode.REPLACED, "replaced by a resume")
             self._runner_leaves(old, unregistered=False)
         self._deadlines.pop(build.id, None)
-        self._set_runner_state(runner, RunnerEvent.REGISTER, None)
-        self._set_runner_state(runner, RunnerEvent.DISPATCH, build)
-        build.runner = runner
+        self._set_runner_state(runner, RunnerEvent.REGISTER)
+        self._set_runner_state(runner, RunnerEvent.DISPATCH)
+        link(build, runner)
         self._save(build, runner=runner.id, session_hash=_hash_secret(runner.session))
         self._send(
             c.id,
@@ -1575,14 +1313,14 @@ class Hub:
         self._fx.records.append(record)
         self._send(c.id, Queued(build=record.id, req=msg.req))
         self._notify_build(build)
-        self._enqueue(build)
+        self._scheduler.enqueue(build)
         self._dispatch_build(build)
 
     def _on_cancel(self, c: _Conn, msg: CancelBuild) -> None:
         build = self._find(msg.build)
         state = build.state
         if state is BuildState.QUEUED:
-            self._dequeue(build)
+            self._scheduler.dequeue(build)
             self._transition(build, BuildEvent.CANCEL)
         elif state is BuildState.RUNNING:
             self._transition(build, BuildEvent.CANCEL)
