@@ -313,6 +313,8 @@ class AiohttpTransport(BaseTransport):
         conn = self.host.open(_Peer(ws, request.transport, request.protocol), roles)
         try:
             async for message in ws:
+                if self.host.busy:
+                    await self.host.pace()
                 if message.type is WSMsgType.TEXT:
                     self.host.receive(conn, message.data)
                 elif message.type is WSMsgType.BINARY:

@@ -62,7 +62,7 @@ from citron_protocol.records import BuildRecord, FindBuilds, LogRecord, Record
 
 from .host import Connection, Host, HostConfig
 from .settings import redacted
-from .store import StoreError
+from .store import StoreError, record_json
 
 __all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds", "redacted"]
 
@@ -311,6 +311,9 @@ class RedisStore:
     def error(self) -> str | None:
         return self._failure or self.outage
 
+    def backlog(self) -> int:
+        return len(self._pending)
+
     def write(self, records: Sequence[Record]) -> None:
         self._pending.extend(records)
         self._queued += len(records)
@@ -408,7 +411,7 @@ class RedisStore:
                         build.state.value,
                         build.number,
                         "" if build.finished is None else repr(build.finished),
-                        json.dumps(_converter.unstructure(build)),
+                        record_json(build),
                         state_key(""),
                     ],
                     client=pipe,
@@ -436,6 +439,13 @@ class ClusterHost(Host):
     """A :class:`Host` whose hub is one replica of the cluster's."""
 
     store: RedisStore
+
+    @property
+    def busy(self) -> bool:
+        # The records come from every node's inputs, through the stream:
+        # pausing this node's readers would not slow them. The inputs a node
+        # holds are bounded by MAX_HELD instead.
+        return False
 
     def __init__(
         self,

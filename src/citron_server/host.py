@@ -114,6 +114,7 @@ class HostConfig:
     max_connections: int = 10_000  # open WebSockets; past it handshakes get 503
     abort_after: float = 1.5  # seconds from a 4008 to dropping the TCP connection
     tick: float = 0.5  # how often the hub hears the time, at most
+    max_backlog: int = 20_000  # records the store may be behind before frames wait
     purge_every: float = 600.0  # seconds between two retention passes
     purge_rows: int = 2000  # rows deleted per step of a retention pass
 
@@ -273,6 +274,7 @@ class Host:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loading: dict[int, asyncio.Task[None]] = {}  # replay pages, by request
         self._backlogged: set[Connection] = set()  # connections with data waiting
+        self._pacing = 0  # read loops waiting for the store (see pace)
 
     @staticmethod
     def now() -> float:
@@ -393,6 +395,30 @@ class Host:
         """As many connections are open as ``max_connections`` allows: an
         adapter answers a new handshake with HTTP 503."""
         return len(self.connections) >= self.config.max_connections
+
+    @property
+    def busy(self) -> bool:
+        """The store is more than ``max_backlog`` records behind: an
+        adapter awaits :meth:`pace` before it hands over the next frame."""
+        return self.store.backlog() > self.config.max_backlog
+
+    async def pace(self) -> None:
+        """Wait until the store is back under half of ``max_backlog``. The
+        adapter's read loop stops meanwhile, so its library stops reading
+        the socket and TCP slows the peers down: no frame is lost, and
+        memory holds at most about ``max_backlog`` records."""
+        low = self.config.max_backlog // 2
+        if self.store.backlog() > low:
+            if not self._pacing:
+                log.warning(
+                    "the store is %d records behind: reading frames waits", self.store.backlog()
+                )
+            self._pacing += 1
+            try:
+                while self.store.backlog() > low and self.store.error is None:
+                    await asyncio.sleep(0.005)
+            finally:
+                self._pacing -= 1
 
     def receive(self, conn: Connection, text: str) -> None:
         conn.heard = True

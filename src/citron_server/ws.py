@@ -171,6 +171,8 @@ class WebsocketsTransport(BaseTransport):
         conn = self.host.open(_Peer(ws), roles)
         try:
             async for message in ws:
+                if self.host.busy:
+                    await self.host.pace()
                 if isinstance(message, str):
                     self.host.receive(conn, message)
                 else:

@@ -523,3 +523,79 @@ async def test_a_req_is_at_most_256_bytes_and_a_longer_one_is_not_echoed(
     assert len(text) < 1000 and "$.req" in text
     reply = decode_server(str(text))
     assert (reply.COMMAND, reply.code, reply.req) == ("error", "invalid_payload", None)
+
+
+# -- a store that falls behind slows the peers down, it does not fill memory ----------
+
+
+@pytest.mark.parametrize("transport", ["websockets", "aiohttp"])
+async def test_a_store_that_falls_behind_slows_the_readers(
+    transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store commits slowly (2 ms a batch of at most 50 records); a
+    runner streams 3,000 chunks as fast as it can. The store's backlog stays
+    near --max-backlog (frames wait in the socket meanwhile), and every
+    chunk is stored in the end."""
+    from citron_protocol import Role
+    from citron_server import store as store_module
+    from citron_server.host import Host, HostConfig
+    from citron_server.metrics import Metrics
+    from citron_server.security import Auth, Gate
+    from citron_server.settings import parse_settings
+
+    real_apply = store_module._apply
+
+    def slow_apply(db: object, records: list[object]) -> None:
+        for start in range(0, len(records), 50):
+            time.sleep(0.002)
+            real_apply(db, records[start : start + 50])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "_apply", slow_apply)
+    store = store_module.SqliteStore(str(tmp_path / "c.db"))
+    host = Host(store, config=HostConfig(max_backlog=300))
+    await host.start()
+    settings = parse_settings(["--port", "0", "--transport", transport], {})
+    gate = Gate(Auth({Role.RUNNER: None, Role.API: None, Role.WEB: None}), loopback=True)
+    if transport == "aiohttp":
+        from citron_server.aio import AiohttpTransport
+
+        server: object = AiohttpTransport(host, gate, Metrics(), settings, None)
+    else:
+        from citron_server.ws import WebsocketsTransport
+
+        server = WebsocketsTransport(host, gate, Metrics(), settings, None)
+    port = await server.start()  # type: ignore[attr-defined]
+    url = f"ws://127.0.0.1:{port}/ws"
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, store.backlog())
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        r = await runner(url)
+        api = await peer(url)
+        build = await submit(api)
+        await recv(r)  # run:
+        for i in range(3000):
+            await r.send(f'RUNNER:process:{{"finished": false, "log": "line {i}\\n"}}')
+        await r.send('RUNNER:process:{"finished": true, "success": true}')
+        for _ in range(2000):  # until the hub has the result (every chunk came before it)
+            info = host.hub.build(build)
+            if info is not None and info.state.value == "success":
+                break
+            await asyncio.sleep(0.01)
+        await store.flush()
+        stored = await store.read_log(build, 0, 10_000, 10_000)
+        assert [text for _, text in stored] == [f"line {i}\n" for i in range(3000)]
+        assert 300 < peak < 300 + 100, peak  # it reached the mark, and stopped near it
+        await r.close()
+        await api.close()
+    finally:
+        watcher.cancel()
+        await server.stop_accepting()  # type: ignore[attr-defined]
+        await host.shutdown()
+        await server.close()  # type: ignore[attr-defined]
