@@ -102,7 +102,7 @@ from .messages import (
     utf8_size,
 )
 from .records import LIVE_STATES, BuildRecord, FindBuilds, LoadLog, Record, log_record
-from .states import BuildEvent, RunnerEvent, next_build_state, next_runner_state
+from .states import HELD_STATES, BuildEvent, RunnerEvent, next_build_state, next_runner_state
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -283,6 +283,10 @@ class _Query:
     rounds: int = 0
 
 
+def _already(build: object) -> None:
+    """A row whose effect is nothing: the event changes nothing now."""
+
+
 # -- the hub ------------------------------------------------------------------------
 
 
@@ -313,6 +317,7 @@ class Hub:
         self._evictions = 0  # how many builds left memory, ever
         self._next_expiry = 0.0  # when advance() next looks for expired builds
         self._handlers = self._make_handlers()
+        self._make_rows()
 
     def _make_handlers(self) -> dict[type[Any], Callable[[_Conn, Any], None]]:
         return {
@@ -357,7 +362,7 @@ class Hub:
                 self._transition(build, BuildEvent.LOSE)
             elif record.state is BuildState.QUEUED:
                 self._scheduler.enqueue(build)
-            elif record.state in (BuildState.RUNNING, BuildState.CANCELLING):
+            elif record.state in HELD_STATES:
                 self._deadlines[record.id] = now + self.config.lost_grace
         return self._flush()
 
@@ -534,16 +539,9 @@ class Hub:
         for build_id in due:
             del self._deadlines[build_id]
             build = self._builds[build_id]
-            if build.state is BuildState.CANCELLING and build.runner is not None:
-                runner = build.runner
-                self._transition(build, BuildEvent.CANCEL_TIMEOUT)
-                self._close(runner.conn, CloseCode.CANCEL_TIMEOUT, "cancel timeout")
-                self._release(runner)
-            elif build.runner is None and build.state in (
-                BuildState.RUNNING,
-                BuildState.CANCELLING,
-            ):
-                self._lose(build)
+            effect = self._on_deadline.get((build.state, build.runner is not None))
+            if effect is not None:
+                effect(build)
         if self.config.retention is not None and now >= self._next_expiry:
             self._next_expiry = now + 60
             self._expire(now - self.config.retention)
@@ -1194,7 +1192,7 @@ class Hub:
         if msg.resume is None:
             return None
         build = self._builds.get(msg.resume.build)
-        if build is None or build.state not in (BuildState.RUNNING, BuildState.CANCELLING):
+        if build is None or build.state not in HELD_STATES:
             return None
         expected = build.record.session_hash
         if expected is None or not hmac.compare_digest(expected, _hash_secret(msg.resume.session)):
@@ -1318,22 +1316,54 @@ class Hub:
 
     def _on_cancel(self, c: _Conn, msg: CancelBuild) -> None:
         build = self._find(msg.build)
-        state = build.state
-        if state is BuildState.QUEUED:
-            self._scheduler.dequeue(build)
-            self._transition(build, BuildEvent.CANCEL)
-        elif state is BuildState.RUNNING:
-            self._transition(build, BuildEvent.CANCEL)
-            if build.runner is None:  # its runner is away: nothing to stop
-                self._lose(build)
-            else:
-                self._send(build.runner.conn.id, Cancel(build=build.id))
-                self._deadlines[build.id] = self._now + self.config.cancel_timeout
-        elif state is not BuildState.CANCELLING:
+        effect = self._on_cancel_rows.get((build.state, build.runner is not None))
+        if effect is None:
             raise _Refusal(
-                ErrorCode.BAD_STATE, f"build {build.id} is {state}: it cannot be cancelled"
+                ErrorCode.BAD_STATE, f"build {build.id} is {build.state}: it cannot be cancelled"
             )
+        effect(build)
         self._send(c.id, BuildReply(build=build.info(), req=msg.req))
+
+    # What a cancel and a deadline do, as rows: (state, runner connected) ->
+    # effect. A pair with no row: refused (cancel) or nothing to do (a
+    # deadline). The transitions themselves are BUILD_TRANSITIONS'.
+
+    def _make_rows(self) -> None:
+        S = BuildState
+        self._on_cancel_rows: dict[tuple[BuildState, bool], Callable[[_Build], None]] = {
+            (S.QUEUED, False): self._cancel_queued,
+            (S.RUNNING, True): self._cancel_running,
+            (S.RUNNING, False): self._cancel_away,
+            (S.CANCELLING, True): _already,  # on its way: the reply says so
+            (S.CANCELLING, False): _already,
+        }
+        self._on_deadline: dict[tuple[BuildState, bool], Callable[[_Build], None]] = {
+            (S.CANCELLING, True): self._cancel_timed_out,
+            (S.RUNNING, False): self._lose,  # the lost-grace period is over
+            (S.CANCELLING, False): self._lose,
+        }
+
+    def _cancel_queued(self, build: _Build) -> None:
+        self._scheduler.dequeue(build)
+        self._transition(build, BuildEvent.CANCEL)
+
+    def _cancel_running(self, build: _Build) -> None:
+        self._transition(build, BuildEvent.CANCEL)
+        assert build.runner is not None
+        self._send(build.runner.conn.id, Cancel(build=build.id))
+        self._deadlines[build.id] = self._now + self.config.cancel_timeout
+
+    def _cancel_away(self, build: _Build) -> None:
+        """Its runner is away: there is nothing to stop."""
+        self._transition(build, BuildEvent.CANCEL)
+        self._lose(build)
+
+    def _cancel_timed_out(self, build: _Build) -> None:
+        runner = build.runner
+        assert runner is not None
+        self._transition(build, BuildEvent.CANCEL_TIMEOUT)
+        self._close(runner.conn, CloseCode.CANCEL_TIMEOUT, "cancel timeout")
+        self._release(runner)
 
     def _on_get_runners(self, c: _Conn, msg: GetRunners) -> None:
         registered = [r for r in self._runners.values() if r.state is not None]

@@ -29,6 +29,7 @@ from .messages import BuildState, RunnerState
 
 __all__ = [
     "BUILD_TRANSITIONS",
+    "HELD_STATES",
     "PHASE_TRANSITIONS",
     "RUNNER_TRANSITIONS",
     "BuildEvent",
@@ -74,6 +75,26 @@ BUILD_TRANSITIONS: Final[dict[tuple[BuildState, BuildEvent], BuildState]] = {
     (S.CANCELLING, E.LOSE): S.CANCELLED,
     (S.LOST, E.REQUEUE): S.QUEUED,
 }
+
+
+def _held_states() -> frozenset[BuildState]:
+    """The states of a build that a runner holds: from where ``dispatch``
+    leads, every state reached by events that do not end it."""
+    held = {BUILD_TRANSITIONS[(S.QUEUED, E.DISPATCH)]}
+    while True:
+        more = {
+            target
+            for (state, event), target in BUILD_TRANSITIONS.items()
+            if state in held and not target.finished and event is not E.REQUEUE
+        }
+        if more <= held:
+            return frozenset(held)
+        held |= more
+
+
+#: Builds a runner holds (running, cancelling): a resume may take them back,
+#: and losing the runner is ``lose``. Drawn from the table.
+HELD_STATES: Final = _held_states()
 
 
 class RunnerEvent(StrEnum):

@@ -56,3 +56,19 @@ def test_refused_transitions() -> None:
     with pytest.raises(UsageError):
         next_runner_state(None, RunnerEvent.DISPATCH)
     assert next_runner_state(RunnerState.RUNNING, RunnerEvent.LEAVE) is None
+
+
+def test_the_hubs_rows_agree_with_the_table() -> None:
+    """The hub's cancel and deadline rows carry effects; which states allow
+    an event is still the table's to say."""
+    from citron_protocol import Hub
+    from citron_protocol.hub import CountingIds, _already
+    from citron_protocol.states import HELD_STATES
+
+    hub = Hub(CountingIds())
+    assert HELD_STATES == {BuildState.RUNNING, BuildState.CANCELLING}
+    cancels = {s for (s, _), fx in hub._on_cancel_rows.items() if fx is not _already}
+    assert cancels == {s for (s, e) in BUILD_TRANSITIONS if e is BuildEvent.CANCEL}
+    idle = {s for (s, _), fx in hub._on_cancel_rows.items() if fx is _already}
+    assert idle <= HELD_STATES  # cancelling again: nothing to do, not an error
+    assert {s for s, _ in hub._on_deadline} <= HELD_STATES
