@@ -66,7 +66,7 @@ def test_the_hubs_rows_agree_with_the_table() -> None:
     from citron_protocol.states import HELD_STATES
 
     hub = Hub(CountingIds())
-    assert HELD_STATES == {BuildState.RUNNING, BuildState.CANCELLING}
+    assert {BuildState.RUNNING, BuildState.CANCELLING} == HELD_STATES
     cancels = {s for (s, _), fx in hub._on_cancel_rows.items() if fx is not _already}
     assert cancels == {s for (s, e) in BUILD_TRANSITIONS if e is BuildEvent.CANCEL}
     idle = {s for (s, _), fx in hub._on_cancel_rows.items() if fx is _already}
