@@ -47,6 +47,29 @@ async def ask(ws: ClientConnection, frame: str, timeout: float = 5) -> Any:
     return await recv(ws, timeout)
 
 
+def builds_query(limit: int, state: str | None = None, before: str = "") -> str:
+    """The payload of a get_builds page."""
+    fields = [f'"limit": {limit}']
+    if state:
+        fields.append(f'"state": "{state}"')
+    if before:
+        fields.append(f'"before": "{before}"')
+    return "{" + ", ".join(fields) + "}"
+
+
+async def page_all(ws: ClientConnection, limit: int, state: str | None = None) -> list[str]:
+    """Every build's id, newest first, paging get_builds with before."""
+    seen: list[str] = []
+    before = ""
+    while True:
+        reply = await ask(ws, "WEB:get_builds:" + builds_query(limit, state, before))
+        ids = [b.id for b in reply.builds]
+        seen += ids
+        if len(ids) < limit and not reply.more:
+            return seen
+        before = ids[-1]
+
+
 async def runner(url: str, type: str = "simple", token: str | None = None) -> ClientConnection:
     ws = await peer(url, token)
     ready = await ask(ws, f'RUNNER:init:{{"type": "{type}", "protocol": 1}}')

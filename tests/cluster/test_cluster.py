@@ -17,7 +17,7 @@ from citron_protocol import RunnerState
 
 from ..client import test_e2e as client_e2e
 from ..client import test_tools as client_tools
-from ..peers import ask, expect, follow, peer, recv, runner, submit
+from ..peers import ask, expect, follow, page_all, peer, recv, runner, submit
 from ..procs import Spawn, citron, eventually, run_module, runner_argv
 from ..server import test_bounds as bounds
 from ..server import test_e2e as server_e2e
@@ -460,19 +460,6 @@ async def test_an_8_mib_log_replays_whole_on_redis_after_a_restart(
 
 
 # -- history: builds beyond the window come from Redis; retention --------------------
-
-
-async def page_all(ws: Any, limit: int) -> list[str]:
-    seen: list[str] = []
-    before = ""
-    while True:
-        extra = f', "before": "{before}"' if before else ""
-        reply = await ask(ws, f'WEB:get_builds:{{"limit": {limit}{extra}}}')
-        ids = [b.id for b in reply.builds]
-        seen += ids
-        if len(ids) < limit and not reply.more:
-            return seen
-        before = ids[-1]
 
 
 async def test_builds_beyond_the_window_are_read_from_redis(

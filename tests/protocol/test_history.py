@@ -19,6 +19,7 @@ from citron_protocol import BuildState, Hub, HubConfig, SnapshotError
 from citron_protocol.hub import CountingIds
 
 from ..helpers import Harness
+from ..peers import builds_query
 
 DONE = 'RUNNER:process:{"finished": true, "success": true}'
 FAIL = 'RUNNER:process:{"finished": true, "success": false}'
@@ -47,12 +48,7 @@ def page_all(h: Harness, api: int, limit: int, state: str | None = None) -> list
     seen: list[str] = []
     before = ""
     while True:
-        fields = [f'"limit": {limit}']
-        if state:
-            fields.append(f'"state": "{state}"')
-        if before:
-            fields.append(f'"before": "{before}"')
-        (reply,) = h.send(api, "API:get_builds:{" + ", ".join(fields) + "}")
+        (reply,) = h.send(api, "API:get_builds:" + builds_query(limit, state, before))
         assert reply.COMMAND == "builds", reply
         ids = [b.id for b in reply.builds]
         seen += ids

@@ -66,6 +66,9 @@ def test_help() -> None:
         (["--engine", "redis://localhost:6379/xyz"], {}, "must be a number"),
         (["--log-retention", "60"], {}, "--log-retention needs --engine redis://"),
         (["--snapshot-every", "0"], {}, "must be at least 1"),
+        (["--retention", "0"], {}, "--retention: must be a positive number of days"),
+        ([], {"CITRON_RETENTION": "a week"}, "CITRON_RETENTION: expected days"),
+        (["--window", "0"], {}, "--window: must be at least 1"),
         ([], {"CITRON_ENGINE": "postgres://x"}, "CITRON_ENGINE: expected sqlite or a Redis"),
     ],
 )

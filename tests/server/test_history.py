@@ -11,7 +11,7 @@ from citron_protocol.records import BuildRecord
 from citron_server.store import _connect, record_json
 
 from ..conftest import ServerFactory
-from ..peers import ask, expect, follow, peer, runner, submit
+from ..peers import ask, expect, follow, page_all, peer, runner, submit
 
 HISTORY = 20_000
 
@@ -45,23 +45,6 @@ def fill(db: Path, n: int) -> None:
     )
     conn.execute("COMMIT")
     conn.close()
-
-
-async def page_all(ws: object, limit: int, state: str | None = None) -> list[str]:
-    seen: list[str] = []
-    before = ""
-    while True:
-        fields = [f'"limit": {limit}']
-        if state:
-            fields.append(f'"state": "{state}"')
-        if before:
-            fields.append(f'"before": "{before}"')
-        reply = await ask(ws, "WEB:get_builds:{" + ", ".join(fields) + "}")  # type: ignore[arg-type]
-        ids = [b.id for b in reply.builds]
-        seen += ids
-        if len(ids) < limit and not reply.more:
-            return seen
-        before = ids[-1]
 
 
 async def test_a_long_history_is_served_from_the_store(
