@@ -200,7 +200,15 @@ class RunnerHost:
         try:
             self.proto.receive(text)
         except ProtocolError as exc:
-            log.warning("ignoring a bad frame from the server: %s", exc)
+            # Said loudly: a frame this runner cannot understand may be a
+            # build it will never run.
+            command = text.split(":", 1)[0][:40]
+            log.error(
+                "a frame from the server this runner cannot use (%s:, %d characters): %s",
+                command,
+                len(text),
+                exc,
+            )
             return
         for event in self.proto.events_received():
             if isinstance(event, Registered):
@@ -210,11 +218,11 @@ class RunnerHost:
             elif isinstance(event, BuildResumed):
                 log.info("resumed build %s after seq %d", event.build, event.seq)
             elif isinstance(event, BuildDropped):
-                log.warning("the server dropped build %s", event.build)
+                log.warning("the server dropped build %s", _name(event.build))
                 if self._task is not None:
                     self._task.cancel()
             elif isinstance(event, CancelRequested):
-                log.info("build %s cancelled", event.build)
+                log.info("build %s cancelled", _name(event.build))
                 if self._ctx is not None:
                     self._ctx.cancel()
             elif isinstance(event, ShutdownRequested):
@@ -225,7 +233,7 @@ class RunnerHost:
         self._wake.set()
 
     def _start(self, build: Run) -> None:
-        log.info("running build %s", build.build)
+        log.info("running build %s", _name(build.build))
         if self.once:
             self._leave = True
         self._ctx = BuildContext(build, self._emit)
@@ -242,14 +250,14 @@ class RunnerHost:
         except asyncio.CancelledError:
             return  # dropped by the server: nothing to report
         except Exception as exc:
-            log.exception("build %s: the runner failed", ctx.build.build)
+            log.exception("build %s: the runner failed", _name(ctx.build.build))
             ctx.log(f"\n[citron-runner] the runner failed: {exc!r}\n")
             ok = False
         ctx.close()
         self.builds_run += 1
         with contextlib.suppress(UsageError):
             self.proto.finish(ok and not ctx.cancelled, leave=self._leave)
-            log.info("build %s %s", ctx.build.build, "succeeded" if ok else "failed")
+            log.info("build %s %s", _name(ctx.build.build), "succeeded" if ok else "failed")
         if self._leave:
             self._close_when_sent = True
         self._ctx = None
@@ -262,3 +270,8 @@ async def run_runner(
     """Serve ``runner`` on the server at ``url`` (or the first of several
     URLs that answers, rotating on reconnects) until it is told to stop."""
     await RunnerHost(runner, url, token=token, once=once).serve()
+
+
+def _name(build: str | None) -> str:
+    """A build's id for the log; a seed-only server names none."""
+    return build if build is not None else "(unnamed: a seed-only server)"

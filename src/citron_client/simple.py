@@ -67,7 +67,7 @@ class SimpleRunner(Runner):
     async def run(self, build: Run, ctx: BuildContext) -> bool:
         if self.workdir:
             Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        root = tempfile.mkdtemp(prefix=f"citron-{build.build}-", dir=self.workdir)
+        root = tempfile.mkdtemp(prefix=f"citron-{build.build or 'build'}-", dir=self.workdir)
         deadline = time.monotonic() + build.timeout if build.timeout else None
         env = {**os.environ, **(build.env or {}), **(build.secrets or {})}
         groups: list[int] = []

@@ -610,11 +610,12 @@ class Ready:
 
 @attrs.frozen(kw_only=True)
 class Run:
-    """``run``: the server gives a runner a build to run."""
+    """``run``: the server gives a runner a build to run. ``build`` is None
+    from a seed-only server, which names no build (docs/protocol.md §2.1)."""
 
     COMMAND: ClassVar[str] = "run"
 
-    build: str = attrs.field(validator=_nonempty_text)
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
     repo: str = attrs.field(validator=_nonempty_text)
     script: tuple[str, ...] = attrs.field(converter=_to_tuple, validator=_script)
     ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
@@ -627,11 +628,12 @@ class Run:
 
 @attrs.frozen(kw_only=True)
 class Cancel:
-    """``cancel``: the runner must stop the build and finish it unsuccessfully."""
+    """``cancel``: the runner must stop the build and finish it unsuccessfully
+    (``build`` None: the current build, as a seed-only server says it)."""
 
     COMMAND: ClassVar[str] = "cancel"
 
-    build: str = attrs.field(validator=_nonempty_text)
+    build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
 
 
 @attrs.frozen(kw_only=True)

@@ -19,6 +19,12 @@ It numbers the chunks of each run from 1 (``seq``) and keeps them, so that
 after a reconnect (``connection_lost()`` then ``connect()``) it asks to resume
 the build and resends exactly what the server had not stored. Out-of-order
 calls raise :class:`~citron_protocol.errors.UsageError`.
+
+A seed-only server (the original ci-tron) sends no ``ready:`` and names no
+build: its ``run:`` has no ``build``. The protocol then runs the build at
+once and sends the seed's frames (``process`` without ``build`` or ``seq``),
+keeps no chunk (such a server cannot take a build back), and drops a build
+in flight when the connection is lost (:class:`BuildDropped`).
 """
 
 from __future__ import annotations
@@ -89,16 +95,18 @@ class BuildResumed:
 
 @attrs.frozen
 class BuildDropped:
-    """The server refused to resume this build: stop working on it."""
+    """The server refused to resume this build (or, from a seed-only
+    server, ``build`` None, the connection that ran it was lost): stop
+    working on it."""
 
-    build: str
+    build: str | None
 
 
 @attrs.frozen
 class CancelRequested:
     """Stop the build, then ``finish(success=False)``."""
 
-    build: str
+    build: str | None
 
 
 @attrs.frozen
@@ -159,8 +167,14 @@ class RunnerProtocol:
         """The connection is open: send init, asking to resume a build in flight."""
         self._go(PhaseEvent.CONNECT)
         resume = None
-        if self._run is not None and self._session is not None:
-            resume = Resume(build=self._run.build, session=self._session)
+        run = self._run
+        if run is not None and run.build is None:
+            # A seed-only server's build cannot be taken back: it is lost.
+            if self._finished is None:
+                self._events.append(BuildDropped(None))
+            self._clear_run()
+        elif run is not None and run.build is not None and self._session is not None:
+            resume = Resume(build=run.build, session=self._session)
         self._out.append(encode(attrs.evolve(self._init, resume=resume)))
         self._sent = 0
         self._finish_sent = False
@@ -185,8 +199,9 @@ class RunnerProtocol:
         elif isinstance(message, Run):
             self._on_run(message)
         elif isinstance(message, Cancel):
-            if self.build is not None and message.build == self._run.build:  # type: ignore[union-attr]
-                self._events.append(CancelRequested(message.build))
+            current = self.build
+            if current is not None and message.build in (None, current.build):
+                self._events.append(CancelRequested(current.build))
         elif isinstance(message, Shutdown):
             if self.phase is not RunnerPhase.CLOSED:
                 self._go(PhaseEvent.SHUTDOWN)
@@ -219,8 +234,8 @@ class RunnerProtocol:
         self._flush()
 
     def _on_run(self, run: Run) -> None:
-        if (self.phase, PhaseEvent.RUN) not in PHASE_TRANSITIONS:
-            current = self.build
+        current = self.build
+        if current is not None or (self.phase, PhaseEvent.RUN) not in PHASE_TRANSITIONS:
             busy = f"build {current.build} runs" if current is not None else self.phase
             raise UnexpectedMessage(f"run: {run.build} while {busy}")
         self._go(PhaseEvent.RUN)
@@ -260,6 +275,9 @@ class RunnerProtocol:
         if self.phase not in (RunnerPhase.RUNNING, RunnerPhase.WAITING) or self._run is None:
             return
         build = self._run.build
+        if build is None:  # a seed-only server's build: the seed's frames, nothing kept
+            self._out.extend(encode(RunnerLog(log=chunk)) for chunk in self._chunks)
+            self._chunks.clear()
         while self._sent < len(self._chunks):
             seq = self._sent + 1
             self._out.append(encode(RunnerLog(log=self._chunks[seq - 1], build=build, seq=seq)))

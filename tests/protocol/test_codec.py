@@ -565,3 +565,21 @@ def test_frame_head_never_raises_nor_shows_the_payload(text: str) -> None:
 def test_frame_head_names_role_and_command() -> None:
     assert frame_head('API:run:{"secrets": {"A": "hunter22"}}') == "API:run, 38 characters"
     assert frame_head("junk") == "a malformed frame of 4 characters"
+
+
+def test_the_example_frames_of_the_spec_decode() -> None:
+    """Every whole frame in docs/protocol.md's ``text`` blocks decodes
+    (lines with an ellipsis are abridged on purpose and skipped)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    frames = []
+    for block in re.findall(r"```text\n(.*?)```", doc, re.S):
+        for line in block.splitlines():
+            frame = re.split(r"[→←] ", line, maxsplit=1)[-1].strip()
+            if frame and "…" not in frame:
+                frames.append(frame)
+    assert len(frames) >= 10
+    for frame in frames:
+        decode(frame)  # raises on a frame that breaks the contract

@@ -174,3 +174,56 @@ def test_init_frame_names_the_protocol() -> None:
     proto = RunnerProtocol(type="simple", name="n")
     proto.connect()
     assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","name":"n","protocol":1}']
+
+
+# -- a seed-only server: no ready:, no build ids, no resume ---------------------------
+
+
+def test_a_seed_only_servers_build_runs_and_is_answered_in_the_seeds_frames() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":1}']
+    proto.receive('run:{"repo": "https://x/r.git", "script": ["make", "make test"]}')
+    (started,) = proto.events_received()
+    assert isinstance(started, BuildStarted) and started.run.build is None
+    assert started.run.script == ("make", "make test") and proto.phase is RunnerPhase.RUNNING
+    proto.log("one\n")
+    proto.log("two\n")
+    proto.finish(success=False)
+    assert proto.data_to_send() == [
+        'RUNNER:process:{"finished":false,"log":"one\\n"}',
+        'RUNNER:process:{"finished":false,"log":"two\\n"}',
+        'RUNNER:process:{"finished":true,"success":false}',
+    ]
+    assert proto._chunks == []  # nothing kept: such a server cannot take it back
+    # The next build, and a cancel in the seed's form (no build named).
+    proto.receive('run:{"repo": "r", "script": ["x"]}')
+    proto.receive("cancel:")
+    started, cancel = proto.events_received()
+    assert isinstance(started, BuildStarted) and cancel == CancelRequested(None)
+    proto.finish(success=False)
+    assert proto.data_to_send() == ['RUNNER:process:{"finished":true,"success":false}']
+
+
+def test_a_seed_build_in_flight_is_dropped_on_a_reconnect() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('run:{"repo": "r", "script": ["x"]}')
+    proto.events_received()
+    proto.log("before\n")
+    proto.connection_lost()
+    proto.log("while away\n")
+    proto.connect()
+    assert proto.events_received() == [BuildDropped(None)]
+    assert proto.build is None and proto.phase is RunnerPhase.REGISTERING
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":1}']  # no resume
+    with pytest.raises(UsageError):
+        proto.log("after")
+
+
+def test_a_run_while_a_build_runs_is_still_unexpected() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('run:{"repo": "r", "script": ["x"]}')
+    with pytest.raises(UnexpectedMessage):
+        proto.receive('run:{"repo": "r", "script": ["y"]}')
