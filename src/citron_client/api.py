@@ -51,7 +51,7 @@ from citron_protocol import (
     Unsubscribe,
 )
 from citron_protocol.client import FollowEvent
-from citron_protocol.messages import BuildReply, Builds, Queued, Runners
+from citron_protocol.messages import BuildReply, Builds, Queued, Runners, ShutdownRunner
 
 from .connection import (
     AuthError,
@@ -193,6 +193,13 @@ class Client:
             if not reply.more or not reply.builds or len(out) >= limit:
                 return tuple(out)
             before = reply.builds[-1].id
+
+    async def shutdown_runner(self, runner: str) -> RunnerInfo:
+        """Tell runner ``runner`` to leave (API role): it ends the build it
+        runs, if any, then goes. Returns the runner as it was."""
+        reply = await self._request(ShutdownRunner(runner=runner))
+        assert isinstance(reply, Runners)
+        return reply.runners[0]
 
     async def build(self, build: str) -> BuildInfo:
         reply = await self._request(GetBuild(role=self.role, build=build))

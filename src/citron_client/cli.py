@@ -114,7 +114,12 @@ def build_parser() -> _Parser:
         help="follow the log; exit 0/1/2 on success/failure/cancelled",
     )
 
-    reader("runners", "list runners")
+    p = reader("runners", "list runners")
+    p.add_argument(
+        "--shutdown",
+        metavar="RUNNER",
+        help="tell this runner to leave (API role): it ends the build it runs, then goes",
+    )
     p = reader("builds", "list builds, newest first")
     p.add_argument("--state", choices=[s.value for s in BuildState])
     p.add_argument("--limit", type=int, default=50)
@@ -394,6 +399,14 @@ async def _run(args: argparse.Namespace) -> int:
             final = await _follow(client, build, out)
             print(f"citron: build {build} {final.state.value}", file=sys.stderr)
             return _exit_for(final.state)
+        if args.command == "runners" and args.shutdown:
+            told = await client.shutdown_runner(args.shutdown)
+            if out.as_json:
+                out.json(told)
+            else:
+                busy = f", after build {told.build}" if told.build else ""
+                print(f"runner {told.id} ({told.name or told.type}) told to leave{busy}")
+            return 0
         if args.command == "runners":
             runners = await client.runners()
             if out.as_json:

@@ -37,7 +37,7 @@ from citron_protocol import (
     decode_server,
 )
 from citron_protocol.codec import parse_client, split_client
-from citron_protocol.messages import RunnerInit
+from citron_protocol.messages import RunnerInit, ShutdownRunner
 
 from .connection import ClientError
 from .wire import Closed, Wire, WireTimeout
@@ -54,6 +54,7 @@ STATE_CODES = frozenset(
         "not_registered",
         "no_build",
         "unknown_build",
+        "unknown_runner",
         "bad_state",
         "too_large",
         "role_mismatch",
@@ -64,6 +65,7 @@ _CODES = frozenset(c.value for c in ErrorCode)
 _REPLIES: dict[type[Any], str] = {
     SubmitBuild: "queued",
     CancelBuild: "build",
+    ShutdownRunner: "runners",
     GetRunners: "runners",
     GetBuilds: "builds",
     GetBuild: "build",

@@ -226,8 +226,14 @@ class RunnerHost:
                 if self._ctx is not None:
                     self._ctx.cancel()
             elif isinstance(event, ShutdownRequested):
-                log.info("the server asked this runner to shut down")
-                self._done = True
+                busy = self.busy
+                log.info(
+                    "the server asked this runner to shut down%s",
+                    ": it leaves once its build is reported" if busy else "",
+                )
+                self._leave = True  # the build in flight is finished and reported first
+                if not busy:
+                    self._done = True
             elif isinstance(event, ServerError):
                 log.warning("server error: %s: %s", event.error.code, event.error.message)
         self._wake.set()

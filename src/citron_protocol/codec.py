@@ -67,6 +67,7 @@ from .messages import (
     RunnerUnregister,
     ServerMessage,
     Shutdown,
+    ShutdownRunner,
     StateChange,
     SubmitBuild,
     Subscribe,
@@ -107,6 +108,7 @@ CLIENT_COMMANDS: Final[Mapping[str, Mapping[Role, tuple[type[ClientMessage], ...
     "unregister": {Role.RUNNER: (RunnerUnregister,)},
     "run": {Role.API: (SubmitBuild,)},
     "cancel": {Role.API: (CancelBuild,)},
+    "shutdown_runner": {Role.API: (ShutdownRunner,)},
     **{
         cls.COMMAND: {Role.API: (cls,), Role.WEB: (cls,)}
         for cls in (GetRunners, GetBuilds, GetBuild, Subscribe, Unsubscribe)
@@ -220,6 +222,7 @@ for _cls in (
     RunnerUnregister,
     SubmitBuild,
     CancelBuild,
+    ShutdownRunner,
     GetRunners,
     GetBuilds,
     GetBuild,

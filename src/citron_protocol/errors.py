@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     NOT_REGISTERED = "not_registered"
     NO_BUILD = "no_build"
     UNKNOWN_BUILD = "unknown_build"
+    UNKNOWN_RUNNER = "unknown_runner"
     BAD_STATE = "bad_state"
     UNAVAILABLE = "unavailable"
     RATE_LIMITED = "rate_limited"

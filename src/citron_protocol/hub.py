@@ -93,6 +93,8 @@ from .messages import (
     RunnerState,
     RunnerUnregister,
     ServerMessage,
+    Shutdown,
+    ShutdownRunner,
     StateChange,
     SubmitBuild,
     Subscribe,
@@ -327,6 +329,7 @@ class Hub:
             RunnerUnregister: self._on_unregister,
             SubmitBuild: self._on_submit,
             CancelBuild: self._on_cancel,
+            ShutdownRunner: self._on_shutdown_runner,
             GetRunners: self._on_get_runners,
             GetBuilds: self._on_get_builds,
             GetBuild: self._on_get_build,
@@ -1364,6 +1367,19 @@ class Hub:
         self._transition(build, BuildEvent.CANCEL_TIMEOUT)
         self._close(runner.conn, CloseCode.CANCEL_TIMEOUT, "cancel timeout")
         self._release(runner)
+
+    def _on_shutdown_runner(self, c: _Conn, msg: ShutdownRunner) -> None:
+        """Send the runner ``shutdown:``. An idle runner leaves at once (no
+        build can reach it after this); a busy one ends its build, reports
+        it with ``leave``, and leaves then (docs/protocol.md §5.1)."""
+        runner = self._runners.get(msg.runner)
+        if runner is None or runner.state is None:
+            raise _Refusal(ErrorCode.UNKNOWN_RUNNER, f"no runner {msg.runner!r}")
+        info = runner.info()
+        self._send(runner.conn.id, Shutdown())
+        if runner.state is RunnerState.WAITING:
+            self._runner_leaves(runner, unregistered=True)
+        self._send(c.id, Runners(runners=(info,), req=msg.req))
 
     def _on_get_runners(self, c: _Conn, msg: GetRunners) -> None:
         registered = [r for r in self._runners.values() if r.state is not None]

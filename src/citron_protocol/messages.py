@@ -16,6 +16,7 @@ frame                          class            roles
 ``unregister``                 RunnerUnregister RUNNER
 ``run``                        SubmitBuild      API
 ``cancel``                     CancelBuild      API
+``shutdown_runner``            ShutdownRunner   API
 ``get_runners``                GetRunners       API, WEB
 ``get_builds``                 GetBuilds        API, WEB
 ``get_build``                  GetBuild         API, WEB
@@ -49,6 +50,7 @@ __all__ = [
     "Builds",
     "Cancel",
     "CancelBuild",
+    "ShutdownRunner",
     "ClientMessage",
     "Error",
     "FieldError",
@@ -520,6 +522,22 @@ class CancelBuild:
 
 
 @attrs.frozen(kw_only=True)
+class ShutdownRunner:
+    """``API:shutdown_runner``: tell a runner to leave (the server sends it
+    ``shutdown:``). Answered by ``runners:`` with that runner as it was."""
+
+    COMMAND: ClassVar[str] = "shutdown_runner"
+    ROLES: ClassVar[frozenset[Role]] = _API
+
+    runner: str = attrs.field(validator=_nonempty_text)
+    req: str | None = _REQ
+
+    @property
+    def role(self) -> Role:
+        return Role.API
+
+
+@attrs.frozen(kw_only=True)
 class GetRunners:
     """``get_runners``: list the registered runners. Answered by ``runners:``.
     ``after``: only runners whose id sorts after it (the next page of a
@@ -764,6 +782,7 @@ ClientMessage = (
     | RunnerUnregister
     | SubmitBuild
     | CancelBuild
+    | ShutdownRunner
     | GetRunners
     | GetBuilds
     | GetBuild

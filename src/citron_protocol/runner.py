@@ -111,7 +111,8 @@ class CancelRequested:
 
 @attrs.frozen
 class ShutdownRequested:
-    """Leave and do not come back."""
+    """Leave and do not come back: a build in flight is finished first and
+    its result sent (with ``leave``); no other build comes."""
 
 
 @attrs.frozen
@@ -144,6 +145,7 @@ class RunnerProtocol:
         self._chunks: list[str] = []  # the current run's chunks; seq n at index n - 1
         self._finished: bool | None = None  # the result, once finish() was called
         self._leave = False
+        self._shutdown = False  # shutdown: came: leave once the build is reported
         self._sent = 0  # chunks sent on this connection
         self._finish_sent = False
         self._out: list[str] = []
@@ -203,7 +205,10 @@ class RunnerProtocol:
             if current is not None and message.build in (None, current.build):
                 self._events.append(CancelRequested(current.build))
         elif isinstance(message, Shutdown):
-            if self.phase is not RunnerPhase.CLOSED:
+            # A build in flight is finished and reported first (with leave);
+            # an idle runner leaves now (the server has let it go).
+            self._shutdown = True
+            if self.build is None and self.phase is not RunnerPhase.CLOSED:
                 self._go(PhaseEvent.SHUTDOWN)
             self._events.append(ShutdownRequested())
         elif isinstance(message, Error):
@@ -268,8 +273,10 @@ class RunnerProtocol:
             raise UsageError("finish() with no build running")
         self._go(PhaseEvent.FINISH)
         self._finished = bool(success)
-        self._leave = bool(leave)
+        self._leave = bool(leave) or self._shutdown
         self._flush()
+        if self._shutdown and self.phase is RunnerPhase.WAITING:
+            self._go(PhaseEvent.SHUTDOWN)  # the result is out: now leave
 
     def _flush(self) -> None:
         if self.phase not in (RunnerPhase.RUNNING, RunnerPhase.WAITING) or self._run is None:

@@ -55,6 +55,7 @@ from .messages import (
     RunnerUnregister,
     ServerMessage,
     Shutdown,
+    ShutdownRunner,
     StateChange,
     SubmitBuild,
     Subscribe,
@@ -158,6 +159,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         req=_reqs,
     ),
     CancelBuild: st.builds(CancelBuild, build=_names, req=_reqs),
+    ShutdownRunner: st.builds(ShutdownRunner, runner=_names, req=_reqs),
     GetRunners: st.builds(GetRunners, role=_api_web, req=_reqs, after=_opt_names),
     GetBuilds: st.builds(
         GetBuilds,

@@ -411,3 +411,29 @@ def test_several_urls_are_tried_in_turn(server_factory: Any, spawn: Spawn, git_r
     assert runner.poll() is None
     none = citron("runners", f"{dead},ws://127.0.0.1:10/ws")
     assert none.returncode == 69 and "cannot connect" in none.stderr
+
+
+def test_runners_shutdown_lets_a_running_runner_end_its_build_then_go(
+    server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path: Path
+) -> None:
+    runner_proc = spawn(*runner_argv(server.url, "--name", "leaving"), log_name="runner")
+    wait_for_runners(server)
+    marker = tmp_path / "go"
+    build = submit(
+        server.url, git_repo, f"while [ ! -e {marker} ]; do sleep 0.02; done; echo finished"
+    )
+    eventually(lambda: show(server.url, build)["state"] == "running" or None, "running")
+    listed = json.loads(citron("runners", server.url, "--json").stdout)
+    told = citron("runners", server.url, "--shutdown", listed[0]["id"])
+    assert told.returncode == 0, told.stderr
+    assert f"told to leave, after build {build}" in told.stdout
+    assert runner_proc.poll() is None  # still running its build
+    marker.touch()
+    assert runner_proc.wait(timeout=30) == 0
+    info = show(server.url, build)
+    assert info["state"] == "success"
+    logs = citron("logs", server.url, build)
+    assert "finished" in logs.stdout
+    assert json.loads(citron("runners", server.url, "--json").stdout) == []
+    unknown = citron("runners", server.url, "--shutdown", "r-nope")
+    assert unknown.returncode == 65 and "unknown_runner" in unknown.stderr

@@ -1157,3 +1157,48 @@ def test_get_runners_pages_past_the_reply_size() -> None:
         small.runner()
     (reply,) = small.send(small.connect([Role.WEB]), "WEB:get_runners:")
     assert not reply.more and len(reply.runners) == 3
+
+
+# -- an operator's shutdown -----------------------------------------------------------
+
+
+def test_shutdown_runner_an_idle_runner_leaves_at_once(h: Harness) -> None:
+    r = h.runner(name="idle")
+    api = h.connect([Role.API])
+    (runners,) = h.send(api, "API:get_runners:")
+    runner_id = runners.runners[0].id
+    (reply,) = h.send(api, f'API:shutdown_runner:{{"runner": "{runner_id}", "req": "s"}}')
+    assert (reply.COMMAND, reply.req, reply.runners[0].id) == ("runners", "s", runner_id)
+    assert [m.COMMAND for m in h.recv(r)] == ["shutdown"]
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners == ()
+    h.submit(api)
+    assert h.recv(r) == []  # no build reaches it any more
+
+
+def test_shutdown_runner_a_busy_runner_ends_its_build_first(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect([Role.API])
+    build = h.submit(api)
+    h.recv(r)
+    runner_id = h.hub.build(build).runner  # type: ignore[union-attr]
+    (reply,) = h.send(api, f'API:shutdown_runner:{{"runner": "{runner_id}"}}')
+    assert reply.runners[0].build == build
+    assert [m.COMMAND for m in h.recv(r)] == ["shutdown"]
+    h.submit(api)  # queued: it must not go to the leaving runner
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "still here\\n"}')
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true, "leave": true}')
+    assert build_state(h, build) is BuildState.SUCCESS
+    assert h.log_of(build) == [(1, "still here\n")]
+    assert h.recv(r) == []
+    (runners,) = h.send(api, "API:get_runners:")
+    assert runners.runners == () and h.hub.queue_depth() == 1
+
+
+def test_shutdown_runner_refusals(h: Harness) -> None:
+    api = h.connect([Role.API])
+    (error,) = h.send(api, 'API:shutdown_runner:{"runner": "nope", "req": "x"}')
+    assert (error.code, error.req) == ("unknown_runner", "x")
+    web = h.connect([Role.WEB])
+    (error,) = h.send(web, 'WEB:shutdown_runner:{"runner": "r"}')
+    assert error.code == "forbidden"

@@ -227,3 +227,32 @@ def test_a_run_while_a_build_runs_is_still_unexpected() -> None:
     proto.receive('run:{"repo": "r", "script": ["x"]}')
     with pytest.raises(UnexpectedMessage):
         proto.receive('run:{"repo": "r", "script": ["y"]}')
+
+
+def test_shutdown_mid_build_reports_the_build_then_leaves() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('ready:{"runner": "r-1", "protocol": 1, "session": "s"}')
+    proto.receive('run:{"build": "b-1", "repo": "r", "script": ["x"]}')
+    proto.events_received()
+    proto.data_to_send()
+    proto.receive("shutdown:")
+    assert proto.events_received() == [ShutdownRequested()]
+    assert proto.phase is RunnerPhase.RUNNING  # the build goes on
+    proto.log("last words\n")
+    proto.finish(success=True)
+    assert proto.data_to_send() == [
+        'RUNNER:process:{"finished":false,"log":"last words\\n","build":"b-1","seq":1}',
+        'RUNNER:process:{"finished":true,"success":true,"build":"b-1","leave":true}',
+    ]
+    assert proto.phase is RunnerPhase.CLOSED
+
+
+def test_shutdown_while_idle_closes() -> None:
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('ready:{"runner": "r-1", "protocol": 1, "session": "s"}')
+    proto.receive("shutdown:")
+    assert proto.phase is RunnerPhase.CLOSED
+    with pytest.raises(UnexpectedMessage):
+        proto.receive('run:{"build": "b-1", "repo": "r", "script": ["x"]}')

@@ -105,6 +105,7 @@ ERROR_CASES: list[tuple[str, list[str], str]] = [
         'RUNNER:process:{"finished": true, "success": true}',
     ),
     ("unknown_build", [], 'API:get_build:{"build": "nope"}'),
+    ("unknown_runner", [], 'API:shutdown_runner:{"runner": "nope"}'),
     ("role_mismatch", ["API:get_runners:"], "WEB:get_runners:"),
     ("bad_state", ['RUNNER:init:{"type": "simple"}'], 'RUNNER:init:{"type": "other"}'),
 ]
