@@ -50,6 +50,10 @@ class Harness:
                 self.answer(load)
             else:
                 self.held_loads.append(load)
+        for conn, _, frame in fx.acks:  # a MemoryStore is durable at once
+            assert isinstance(conn, int)
+            if conn not in self.closed:
+                self.inbox[conn].append(frame)
         for find in fx.finds:
             self.apply(self.hub.builds_found(find.request, self.store.find_builds(find), self.now))
 

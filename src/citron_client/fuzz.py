@@ -73,7 +73,7 @@ _REPLIES: dict[type[Any], str] = {
     Unsubscribe: "unsubscribed",
     RunnerInit: "ready",
 }
-_PUSHES = frozenset({"log", "state", "runner", "run", "cancel", "shutdown"})
+_PUSHES = frozenset({"log", "state", "runner", "run", "cancel", "shutdown", "ack"})
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -50,6 +50,11 @@ from .masking import SecretMasker
 
 __all__ = ["BuildContext", "Runner", "RunnerHost", "run_runner"]
 
+#: Output bytes a build may have unacknowledged (protocol 2) before it waits.
+WINDOW = 4 * 1024 * 1024
+#: Seconds a leaving runner waits for its result's acknowledgement (protocol 2).
+SETTLE_TIMEOUT = 10.0
+
 log = logging.getLogger("citron.runner")
 
 
@@ -67,9 +72,15 @@ class Runner:
 class BuildContext:
     """What a build sees of its runner: output, and cancellation."""
 
-    def __init__(self, build: Run, emit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        build: Run,
+        emit: Callable[[str], None],
+        room: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.build = build
         self._emit = emit
+        self._room = room
         self._masker = SecretMasker((build.secrets or {}).values())
         self._cancelled = asyncio.Event()
 
@@ -78,6 +89,15 @@ class BuildContext:
         safe = self._masker.feed(text)
         if safe:
             self._emit(safe)
+
+    async def room(self) -> None:
+        """Wait while the runner holds too much output the server has not
+        acknowledged yet (protocol 2: more than ``RunnerHost.window``
+        bytes): a build that produces output faster than the server
+        stores it, or while the server is away, is held back here instead
+        of filling memory. Call it between two reads of output."""
+        if self._room is not None:
+            await self._room()
 
     @property
     def cancelled(self) -> bool:
@@ -118,6 +138,9 @@ class RunnerHost:
         self._backoff = Backoff(cap=backoff_cap)
         self._ws: ClientConnection | None = None
         self._wake = asyncio.Event()
+        self.window = WINDOW  # unacknowledged output bytes a build may run ahead
+        self._roomy = asyncio.Event()
+        self._settled = asyncio.Event()
         self._ctx: BuildContext | None = None
         self._task: asyncio.Task[None] | None = None
         self._leave = False  # leave after the current build
@@ -190,6 +213,9 @@ class RunnerHost:
             for frame in self.proto.data_to_send():
                 await ws.send(frame)
             if self._done or self._close_when_sent:
+                if not self.proto.settled:  # protocol 2: until the result is stored
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._settled.wait(), SETTLE_TIMEOUT)
                 self._done = True  # the result with leave is out
                 await ws.close()
                 return
@@ -236,14 +262,25 @@ class RunnerHost:
                     self._done = True
             elif isinstance(event, ServerError):
                 log.warning("server error: %s: %s", event.error.code, event.error.message)
+        if not self.proto.acks or self.proto.unacknowledged <= self.window:
+            self._roomy.set()
+        if self.proto.settled:
+            self._settled.set()
+        else:
+            self._settled.clear()
         self._wake.set()
 
     def _start(self, build: Run) -> None:
         log.info("running build %s", _name(build.build))
         if self.once:
             self._leave = True
-        self._ctx = BuildContext(build, self._emit)
+        self._ctx = BuildContext(build, self._emit, self._wait_room)
         self._task = asyncio.create_task(self._execute(self._ctx))
+
+    async def _wait_room(self) -> None:
+        while self.proto.acks and self.proto.unacknowledged > self.window:
+            self._roomy.clear()
+            await self._roomy.wait()
 
     def _emit(self, text: str) -> None:
         with contextlib.suppress(UsageError):  # the build was dropped meanwhile

@@ -155,6 +155,7 @@ class SimpleRunner(Runner):
         last = time.monotonic()
         try:
             while True:
+                await ctx.room()  # (protocol 2: no more than a window ahead of the server)
                 try:
                     data = await asyncio.wait_for(proc.stdout.read(MAX_CHUNK), FLUSH_EVERY)
                 except TimeoutError:

@@ -37,6 +37,7 @@ from .errors import (
 from .messages import (
     MAX_INT,
     MAX_NAME_BYTES,
+    Ack,
     BuildInfo,
     BuildReply,
     Builds,
@@ -123,6 +124,7 @@ SERVER_COMMANDS: Final[Mapping[str, type[ServerMessage]]] = {
         Run,
         Cancel,
         Shutdown,
+        Ack,
         Queued,
         BuildReply,
         Runners,
@@ -232,6 +234,7 @@ for _cls in (
     Run,
     Cancel,
     Shutdown,
+    Ack,
     Queued,
     LogChunk,
     Error,

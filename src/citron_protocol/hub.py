@@ -69,6 +69,7 @@ from .codec import (
 from .errors import ErrorCode, ProtocolError, SnapshotError, UsageError
 from .messages import (
     MAX_INT,
+    Ack,
     BuildInfo,
     BuildReply,
     Builds,
@@ -120,8 +121,10 @@ __all__ = [
 ]
 
 _LOG_IN: Final = (Role.RUNNER.value, "process")  # metrics key of a log chunk received
-#: The protocol version this hub speaks (``ready``'s ``protocol``).
-PROTOCOL_VERSION: Final = 1
+#: The highest protocol version this hub speaks. ``ready`` says the version
+#: spoken with each runner: 2 (acknowledgements) if it asked for 2 or more,
+#: else 1.
+PROTOCOL_VERSION: Final = 2
 #: The format version of :meth:`Hub.snapshot` (1 was a pickle, refused).
 SNAPSHOT_VERSION: Final = 2
 SNAPSHOT_FORMAT: Final = "citron-hub"
@@ -205,7 +208,12 @@ class Effects:
     ``closes`` after sending, drop the :class:`LoadLog` requests listed in
     ``cancels`` (no longer wanted: their answer would be ignored), answer
     ``loads`` and ``finds`` (after the records are written: the store must
-    see them)."""
+    see them).
+
+    ``acks`` are ``(conn, slot, text)``: frames to send only once every
+    record of this call (and before it) is durable in the store. Of two
+    acks for one ``(conn, slot)``, the later one says all the earlier did:
+    a host may send only the last."""
 
     sends: list[tuple[ConnId, str]] = attrs.Factory(list)
     closes: list[Close] = attrs.Factory(list)
@@ -213,10 +221,17 @@ class Effects:
     loads: list[LoadLog] = attrs.Factory(list)
     cancels: list[int] = attrs.Factory(list)
     finds: list[FindBuilds] = attrs.Factory(list)
+    acks: list[tuple[ConnId, Hashable, str]] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
         return bool(
-            self.sends or self.closes or self.records or self.loads or self.cancels or self.finds
+            self.sends
+            or self.closes
+            or self.records
+            or self.loads
+            or self.cancels
+            or self.finds
+            or self.acks
         )
 
 
@@ -283,6 +298,11 @@ class _Query:
     asked: _Ask | None = None
     evictions: int = 0  # the hub's eviction count when the listing was read
     rounds: int = 0
+
+
+def _spoken(init: RunnerInit) -> int:
+    """The protocol version spoken with a runner that sent ``init``."""
+    return max(1, min(init.protocol, PROTOCOL_VERSION))
 
 
 def _already(build: object) -> None:
@@ -1144,7 +1164,7 @@ class Hub:
         if c.runner is not None:
             if msg == c.runner.init:
                 r = c.runner
-                self._send(c.id, Ready(runner=r.id, protocol=PROTOCOL_VERSION, session=r.session))
+                self._send(c.id, Ready(runner=r.id, protocol=_spoken(r.init), session=r.session))
                 return
             raise _Refusal(
                 ErrorCode.BAD_STATE, "this connection is already registered as another runner"
@@ -1160,9 +1180,7 @@ class Hub:
         build = self._resumable(msg)
         if build is None:
             self._set_runner_state(runner, RunnerEvent.REGISTER)
-            self._send(
-                c.id, Ready(runner=runner.id, protocol=PROTOCOL_VERSION, session=runner.session)
-            )
+            self._send(c.id, Ready(runner=runner.id, protocol=_spoken(msg), session=runner.session))
             self._notify_runner(runner)
             self._dispatch_runner(runner)
             return
@@ -1180,7 +1198,7 @@ class Hub:
             c.id,
             Ready(
                 runner=runner.id,
-                protocol=PROTOCOL_VERSION,
+                protocol=_spoken(msg),
                 session=runner.session,
                 resume=ResumePoint(build=build.id, seq=build.run_seq),
             ),
@@ -1211,6 +1229,7 @@ class Hub:
         if msg.seq is None:
             run_seq = last + 1
         elif msg.seq <= last:
+            self._ack(c, build, last)  # stored before: it may forget it
             return  # already stored: a resend after a resume
         elif msg.seq > last + 1:
             raise _Refusal(
@@ -1220,6 +1239,8 @@ class Hub:
         else:
             run_seq = msg.seq
         build.run_seq = run_seq
+        if runner is not None and runner.init.protocol >= 2:
+            self._ack(c, build, run_seq)
         if build.record.truncated:
             return
         size = utf8_size(msg.log)
@@ -1256,8 +1277,18 @@ class Hub:
         half = len(text) // 2
         return self._pieces(build_id, text[:half]) + self._pieces(build_id, text[half:])
 
+    def _ack(self, c: _Conn, build: _Build, seq: int) -> None:
+        """Protocol 2: tell the runner, once durable, that its chunks up to
+        ``seq`` are stored (the host sends the last of these per build)."""
+        if c.runner is not None and c.runner.init.protocol >= 2:
+            frame = encode(Ack(build=build.id, seq=seq))
+            self._fx.acks.append((c.id, (build.id, "log"), frame))
+
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)
+        if runner.init.protocol >= 2:
+            done = encode(Ack(build=build.id, finished=True))
+            self._fx.acks.append((c.id, (build.id, "finished"), done))
         self._transition(build, BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL)
         self._release(runner, dispatch=not msg.leave)
         if msg.leave:

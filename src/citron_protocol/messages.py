@@ -25,7 +25,7 @@ frame                          class            roles
 =============================  ===============  ==================
 
 Server frames (``command:payload``): ``ready`` Ready, ``run`` Run, ``cancel``
-Cancel, ``shutdown`` Shutdown, ``queued`` Queued, ``build`` BuildReply,
+Cancel, ``shutdown`` Shutdown, ``ack`` Ack, ``queued`` Queued, ``build`` BuildReply,
 ``runners`` Runners, ``builds`` Builds, ``subscribed`` Subscribed,
 ``unsubscribed`` Unsubscribed, ``log`` LogChunk, ``state`` StateChange,
 ``runner`` RunnerChange, ``error`` Error.
@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final
 import attrs
 
 __all__ = [
+    "Ack",
     "MAX_INT",
     "MAX_NAME_BYTES",
     "MIN_SECRET",
@@ -662,6 +663,19 @@ class Shutdown:
 
 
 @attrs.frozen(kw_only=True)
+class Ack:
+    """``ack`` (protocol 2): the runner's chunks of ``build`` up to ``seq``
+    are durable in the server's store, or (``finished``) its result is; the
+    runner may forget them."""
+
+    COMMAND: ClassVar[str] = "ack"
+
+    build: str = attrs.field(validator=_nonempty_text)
+    seq: int | None = attrs.field(default=None, validator=_opt_count(0))
+    finished: bool = attrs.field(default=False, validator=_boolean)
+
+
+@attrs.frozen(kw_only=True)
 class Queued:
     """``queued``: reply to ``API:run``."""
 
@@ -795,6 +809,7 @@ ServerMessage = (
     | Run
     | Cancel
     | Shutdown
+    | Ack
     | Queued
     | BuildReply
     | Runners

@@ -17,7 +17,10 @@ A custom runner hosts :class:`RunnerProtocol` on any transport::
 
 It numbers the chunks of each run from 1 (``seq``) and keeps them, so that
 after a reconnect (``connection_lost()`` then ``connect()``) it asks to resume
-the build and resends exactly what the server had not stored. Out-of-order
+the build and resends exactly what the server had not stored. With a server
+that speaks protocol 2, it keeps only what the server has not acknowledged
+(``ack:``): its memory is bounded by what is in flight, which a host can
+read from :attr:`RunnerProtocol.unacknowledged` to hold output back. Out-of-order
 calls raise :class:`~citron_protocol.errors.UsageError`.
 
 A seed-only server (the original ci-tron) sends no ``ready:`` and names no
@@ -35,6 +38,7 @@ from .codec import decode_server, encode
 from .errors import ErrorCode, ProtocolError, UsageError
 from .hub import PROTOCOL_VERSION
 from .messages import (
+    Ack,
     Cancel,
     Error,
     Ready,
@@ -45,6 +49,7 @@ from .messages import (
     RunnerLog,
     RunnerUnregister,
     Shutdown,
+    utf8_size,
 )
 from .states import PHASE_TRANSITIONS, PhaseEvent, RunnerPhase, next_phase
 
@@ -142,7 +147,11 @@ class RunnerProtocol:
         self.runner_id: str | None = None
         self._session: str | None = None
         self._run: Run | None = None  # the current build, kept until the next one
-        self._chunks: list[str] = []  # the current run's chunks; seq n at index n - 1
+        self._chunks: list[str] = []  # the current run's chunks not acknowledged
+        self._base = 0  # the last seq acknowledged: seq n is at index n - 1 - _base
+        self._settled = False  # the result of the run was acknowledged
+        self._held = 0  # UTF-8 bytes in _chunks
+        self.acks = False  # the server acknowledges (protocol 2)
         self._finished: bool | None = None  # the result, once finish() was called
         self._leave = False
         self._shutdown = False  # shutdown: came: leave once the build is reported
@@ -211,6 +220,8 @@ class RunnerProtocol:
             if self.build is None and self.phase is not RunnerPhase.CLOSED:
                 self._go(PhaseEvent.SHUTDOWN)
             self._events.append(ShutdownRequested())
+        elif isinstance(message, Ack):
+            self._on_ack(message)
         elif isinstance(message, Error):
             self._events.append(ServerError(message))
         else:
@@ -221,6 +232,7 @@ class RunnerProtocol:
             return  # the answer to a repeated init: nothing changes
         self.runner_id = ready.runner
         self._session = ready.session
+        self.acks = ready.protocol >= 2
         self._events.append(Registered(ready.runner, ready.session, ready.protocol))
         run = self._run
         if run is None:
@@ -232,11 +244,44 @@ class RunnerProtocol:
             self._clear_run()
             self._go(PhaseEvent.READY)
             return
-        self._sent = min(ready.resume.seq, len(self._chunks))
+        self._sent = min(max(ready.resume.seq, self._base), self._base + len(self._chunks))
         # A build that finished while away is only resent: nothing runs.
         self._go(PhaseEvent.RESUMED if self._finished is None else PhaseEvent.READY)
         self._events.append(BuildResumed(run.build, self._sent))
         self._flush()
+
+    def _on_ack(self, ack: Ack) -> None:
+        """Protocol 2: forget what the server has made durable."""
+        run = self._run
+        if run is None or ack.build != run.build:
+            return
+        if ack.finished and self._finish_sent:
+            self._settled = True  # the result is stored: nothing is left to keep
+            self._chunks.clear()
+            self._held = 0
+            self._base = self._sent
+            return
+        if ack.seq is None:
+            return
+        upto = min(ack.seq, self._base + len(self._chunks))
+        if upto > self._base:
+            dropped = self._chunks[: upto - self._base]
+            del self._chunks[: upto - self._base]
+            self._held -= sum(utf8_size(text) for text in dropped)
+            self._base = upto
+
+    @property
+    def settled(self) -> bool:
+        """Nothing of the last build waits for the server: its result was
+        acknowledged (protocol 2), or the server does not acknowledge. A
+        runner that leaves waits for this (for a while) before it closes."""
+        return not self.acks or self._run is None or self._settled
+
+    @property
+    def unacknowledged(self) -> int:
+        """UTF-8 bytes of output kept until the server acknowledges them
+        (with a protocol 1 server: the whole build's)."""
+        return self._held
 
     def _on_run(self, run: Run) -> None:
         current = self.build
@@ -251,6 +296,9 @@ class RunnerProtocol:
     def _clear_run(self) -> None:
         self._run = None
         self._chunks = []
+        self._base = 0
+        self._held = 0
+        self._settled = False
         self._finished = None
         self._sent = 0
         self._finish_sent = False
@@ -264,6 +312,7 @@ class RunnerProtocol:
         if not isinstance(text, str):
             raise UsageError("log() takes text")
         self._chunks.append(text)
+        self._held += utf8_size(text)
         self._flush()
 
     def finish(self, success: bool, leave: bool = False) -> None:
@@ -285,9 +334,11 @@ class RunnerProtocol:
         if build is None:  # a seed-only server's build: the seed's frames, nothing kept
             self._out.extend(encode(RunnerLog(log=chunk)) for chunk in self._chunks)
             self._chunks.clear()
-        while self._sent < len(self._chunks):
+            self._held = 0
+        while self._sent < self._base + len(self._chunks):
             seq = self._sent + 1
-            self._out.append(encode(RunnerLog(log=self._chunks[seq - 1], build=build, seq=seq)))
+            text = self._chunks[seq - 1 - self._base]
+            self._out.append(encode(RunnerLog(log=text, build=build, seq=seq)))
             self._sent = seq
         if self._finished is not None and not self._finish_sent:
             self._out.append(

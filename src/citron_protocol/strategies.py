@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from .codec import CLIENT_COMMANDS, encode
 from .messages import (
     MAX_INT,
+    Ack,
     BuildInfo,
     BuildReply,
     Builds,
@@ -191,6 +192,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
     ),
     Cancel: st.builds(Cancel, build=_names),
     Shutdown: st.just(Shutdown()),
+    Ack: st.builds(Ack, build=_names, seq=st.none() | _counts, finished=st.booleans()),
     Queued: st.builds(Queued, build=_names, req=_reqs),
     BuildReply: st.builds(BuildReply, build=_build_infos, req=_reqs),
     Runners: st.builds(

@@ -314,6 +314,12 @@ class RedisStore:
     def backlog(self) -> int:
         return len(self._pending)
 
+    def position(self) -> int:
+        return self._queued
+
+    def durable(self) -> int:
+        return self._written  # appended and confirmed by Redis
+
     def write(self, records: Sequence[Record]) -> None:
         self._pending.extend(records)
         self._queued += len(records)

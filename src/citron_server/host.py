@@ -115,6 +115,7 @@ class HostConfig:
     abort_after: float = 1.5  # seconds from a 4008 to dropping the TCP connection
     tick: float = 0.5  # how often the hub hears the time, at most
     max_backlog: int = 20_000  # records the store may be behind before frames wait
+    ack_every: float = 0.1  # seconds between two rounds of protocol 2 acknowledgements
     purge_every: float = 600.0  # seconds between two retention passes
     purge_rows: int = 2000  # rows deleted per step of a retention pass
 
@@ -275,6 +276,10 @@ class Host:
         self._loading: dict[int, asyncio.Task[None]] = {}  # replay pages, by request
         self._backlogged: set[Connection] = set()  # connections with data waiting
         self._pacing = 0  # read loops waiting for the store (see pace)
+        # Protocol 2 acknowledgements waiting for their records to be
+        # durable: (conn, slot) -> (store position, frame); the last one wins.
+        self._acks: dict[tuple[object, object], tuple[int, str]] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def now() -> float:
@@ -322,6 +327,8 @@ class Host:
         await self.close_connections()
         if self._timer is not None:
             self._timer.cancel()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         for task in [*self._tasks, *self._loading.values()]:
             task.cancel()
         await self.store.close()
@@ -479,6 +486,8 @@ class Host:
             conn.writer.cancel()
         self.connections.pop(conn.id, None)
         self._backlogged.discard(conn)
+        for key in [k for k in self._acks if k[0] == conn.id]:
+            del self._acks[key]  # (a resume on a new connection learns where it stands)
         log.info("connection %s closed (role %s, code %s)", conn.id, role or "-", code)
         self._hub_disconnect(conn)
 
@@ -518,6 +527,30 @@ class Host:
             task = asyncio.create_task(self._find(find))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if fx.acks:
+            position = self.store.position()
+            for conn_id, slot, frame in fx.acks:
+                self._acks[(conn_id, slot)] = (position, frame)
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(
+                    self.config.ack_every, self._send_acks
+                )
+
+    def _send_acks(self) -> None:
+        """Send the acknowledgements whose records are durable now; the
+        others wait for the next round (every ``ack_every`` seconds)."""
+        self._ack_timer = None
+        durable = self.store.durable()
+        for key, (position, frame) in list(self._acks.items()):
+            if position <= durable:
+                del self._acks[key]
+                conn = self.connections.get(key[0])  # type: ignore[call-overload]
+                if conn is not None:
+                    conn.push(frame)
+        if self._acks:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                self.config.ack_every, self._send_acks
+            )
 
     async def _find(self, find: FindBuilds) -> None:
         """Read stored builds for a request and hand them to the hub."""

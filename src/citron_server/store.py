@@ -86,6 +86,15 @@ class Store(Protocol):
         stops reading frames while it is high (see ``HostConfig.max_backlog``)."""
         ...
 
+    def position(self) -> int:
+        """How many records were handed to :meth:`write` so far."""
+        ...
+
+    def durable(self) -> int:
+        """How many of those are durable (committed, in order): a record
+        handed at position ``p`` is durable once ``durable() >= p``."""
+        ...
+
     async def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
     ) -> Sequence[tuple[int, str]]:
@@ -207,6 +216,12 @@ class SqliteStore:
         if self._failed is not None:
             return 0  # writes are dropped: nothing to wait for
         return self._handed - self._stored
+
+    def position(self) -> int:
+        return self._handed
+
+    def durable(self) -> int:
+        return self._stored
 
     def _handoff(self) -> None:
         self._handoff_timer = None

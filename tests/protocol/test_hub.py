@@ -1202,3 +1202,48 @@ def test_shutdown_runner_refusals(h: Harness) -> None:
     web = h.connect([Role.WEB])
     (error,) = h.send(web, 'WEB:shutdown_runner:{"runner": "r"}')
     assert error.code == "forbidden"
+
+
+# -- protocol 2: acknowledgements -----------------------------------------------------
+
+
+def runner2(h: Harness) -> int:
+    conn = h.connect()
+    (ready,) = h.send(conn, 'RUNNER:init:{"type": "simple", "protocol": 2}')
+    assert ready.protocol == 2
+    return conn
+
+
+def test_a_protocol_2_runner_gets_acks_once_stored(h: Harness) -> None:
+    r = runner2(h)
+    api = h.connect()
+    build = h.submit(api)
+    (run,) = h.recv(r)
+    fx = h.hub.receive(r, 'RUNNER:process:{"finished": false, "log": "a", "seq": 1}', h.now)
+    assert [(conn, slot) for conn, slot, _ in fx.acks] == [(r, (build, "log"))]
+    assert decode_server(fx.acks[0][2]) == decode_server(f'ack:{{"build": "{build}", "seq": 1}}')
+    assert fx.records  # the ack goes with the record it acknowledges
+    h.apply(fx)
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "b", "seq": 2}')
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "a", "seq": 1}')  # a resend: stored
+    (done,) = h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    assert (done.COMMAND, done.build, done.finished) == ("ack", build, True)
+    acks = [m for m in h.recv(r)]
+    assert acks == []
+    assert h.log_of(build) == [(1, "a"), (2, "b")]
+
+
+def test_protocol_1_and_0_runners_get_no_acks(h: Harness) -> None:
+    for init in ('{"type": "simple", "protocol": 1}', '{"type": "simple"}'):
+        r = h.connect()
+        (ready,) = h.send(r, f"RUNNER:init:{init}")
+        assert ready.protocol == 1
+        api = h.connect()
+        h.submit(api)
+        h.recv(r)
+        fx = h.hub.receive(r, 'RUNNER:process:{"finished": false, "log": "a"}', h.now)
+        assert fx.acks == []
+        h.apply(fx)
+        fx = h.hub.receive(r, 'RUNNER:process:{"finished": true, "success": true}', h.now)
+        assert fx.acks == []
+        h.apply(fx)

@@ -173,7 +173,7 @@ def test_bad_server_frames_raise_protocol_errors() -> None:
 def test_init_frame_names_the_protocol() -> None:
     proto = RunnerProtocol(type="simple", name="n")
     proto.connect()
-    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","name":"n","protocol":1}']
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","name":"n","protocol":2}']
 
 
 # -- a seed-only server: no ready:, no build ids, no resume ---------------------------
@@ -182,7 +182,7 @@ def test_init_frame_names_the_protocol() -> None:
 def test_a_seed_only_servers_build_runs_and_is_answered_in_the_seeds_frames() -> None:
     proto = RunnerProtocol(type="simple")
     proto.connect()
-    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":1}']
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":2}']
     proto.receive('run:{"repo": "https://x/r.git", "script": ["make", "make test"]}')
     (started,) = proto.events_received()
     assert isinstance(started, BuildStarted) and started.run.build is None
@@ -216,7 +216,7 @@ def test_a_seed_build_in_flight_is_dropped_on_a_reconnect() -> None:
     proto.connect()
     assert proto.events_received() == [BuildDropped(None)]
     assert proto.build is None and proto.phase is RunnerPhase.REGISTERING
-    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":1}']  # no resume
+    assert proto.data_to_send() == ['RUNNER:init:{"type":"simple","protocol":2}']  # no resume
     with pytest.raises(UsageError):
         proto.log("after")
 
@@ -256,3 +256,46 @@ def test_shutdown_while_idle_closes() -> None:
     assert proto.phase is RunnerPhase.CLOSED
     with pytest.raises(UnexpectedMessage):
         proto.receive('run:{"build": "b-1", "repo": "r", "script": ["x"]}')
+
+
+def test_a_protocol_2_runner_keeps_only_what_is_not_acknowledged() -> None:
+    h = Harness()
+    pair = Pair(h, RunnerProtocol(type="simple"))
+    pair.open()
+    api = h.connect()
+    build = h.submit(api)
+    pair.pump()
+    proto = pair.proto
+    assert proto.acks and proto.build is not None
+    most = 0
+    for i in range(500):
+        proto.log(f"line {i}\n" * 10)
+        most = max(most, proto.unacknowledged)
+        pair.pump()  # the chunk goes, the ack comes back
+    assert proto.unacknowledged == 0 and most == len("line 499\n" * 10)  # one chunk at most
+    proto.finish(success=True)
+    pair.pump()
+    assert len(h.log_of(build)) == 500
+
+
+def test_a_protocol_2_resume_resends_from_what_was_acknowledged() -> None:
+    h = Harness()
+    pair = Pair(h, RunnerProtocol(type="simple"))
+    pair.open()
+    api = h.connect()
+    build = h.submit(api)
+    pair.pump()
+    proto = pair.proto
+    proto.log("one\n")
+    pair.pump()  # stored and acknowledged: forgotten
+    proto.log("two\n")
+    proto.data_to_send()  # sent, but the connection drops before it arrives
+    h.disconnect(pair.conn)
+    proto.connection_lost()
+    proto.log("three\n")
+    events = pair.open()
+    assert any(isinstance(e, BuildResumed) for e in events)
+    proto.finish(success=True)
+    pair.pump()
+    assert h.log_of(build) == [(1, "one\n"), (2, "two\n"), (3, "three\n")]
+    assert proto.unacknowledged == 0
