@@ -578,7 +578,7 @@ def test_the_example_frames_of_the_spec_decode() -> None:
     for block in re.findall(r"```text\n(.*?)```", doc, re.S):
         for line in block.splitlines():
             frame = re.split(r"[→←] ", line, maxsplit=1)[-1].strip()
-            if frame and "…" not in frame:
+            if frame and "…" not in frame and not frame.startswith("("):  # (a comment)
                 frames.append(frame)
     assert len(frames) >= 10
     for frame in frames:
