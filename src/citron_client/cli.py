@@ -329,7 +329,10 @@ async def _fuzz(args: argparse.Namespace) -> int:
         report = await fuzzer.replay(roles[0], str(frame))
     else:
         report = await fuzzer.run()
-    report.print(args.url, seed, sys.stdout)
+    if args.json:
+        print(json.dumps(report.as_dict(args.url, seed), indent=2))
+    else:
+        report.print(args.url, seed, sys.stdout)
     return 1 if report.violations else 0
 
 

@@ -37,7 +37,7 @@ from citron_protocol import (
     decode_server,
 )
 from citron_protocol.codec import parse_client, split_client
-from citron_protocol.messages import RunnerInit, ShutdownRunner
+from citron_protocol.messages import Queued, RunnerInit, ShutdownRunner
 
 from .connection import ClientError
 from .wire import Closed, Wire, WireTimeout
@@ -113,6 +113,33 @@ class Report:
     answers: Counter[str] = attrs.Factory(Counter)
     violations: list[Violation] = attrs.Factory(list)
     health_checks: int = 0
+    queued: list[str] = attrs.Factory(list)  # builds the fuzzing queued
+    cancelled: int = 0  # of those, cancelled before the end
+    left: int = 0  # of those, neither cancelled nor ended (the server said so)
+
+    def as_dict(self, url: str, seed: int) -> dict[str, Any]:
+        """The report as JSON data (``citron fuzz --json``)."""
+        return {
+            "url": url,
+            "seed": seed,
+            "sent": dict(sorted(self.sent.items())),
+            "answers": dict(sorted(self.answers.items())),
+            "health_checks": self.health_checks,
+            "builds_queued": len(self.queued),
+            "builds_cancelled": self.cancelled,
+            "builds_left": self.left,
+            "violations": [
+                {
+                    "kind": v.case.kind,
+                    "role": v.case.role.value,
+                    "index": v.case.index,
+                    "frame": v.case.frame if isinstance(v.case.frame, str) else None,
+                    "problem": v.problem,
+                    "reproducer": v.reproducer(url, seed).splitlines()[-1].strip(),
+                }
+                for v in self.violations
+            ],
+        }
 
     def print(self, url: str, seed: int, out: Any) -> None:
         print(f"citron fuzz {url}, seed {seed}", file=out)
@@ -123,6 +150,12 @@ class Report:
         for answer, n in sorted(self.answers.items()):
             print(f"  {answer:24} {n:7}", file=out)
         print(f"health checks passed: {self.health_checks}", file=out)
+        if self.queued:
+            print(
+                f"builds queued by the fuzzing: {len(self.queued)},"
+                f" cancelled at the end: {self.cancelled}",
+                file=out,
+            )
         print(f"violations: {len(self.violations)}", file=out)
         for violation in self.violations[:50]:
             print("  " + violation.reproducer(url, seed), file=out)
@@ -219,12 +252,45 @@ class Fuzzer:
             )
             await self.flood()
             await self.health_check()
+        await self.cancel_queued()
         return self.report
 
     async def replay(self, role: Role, frame: str) -> Report:
         """Send one frame on a fresh connection of ``role`` and check the answer."""
         await _Lane(self, role, 0).run([Case("replay", role, frame, 0)])
+        await self.cancel_queued()
         return self.report
+
+    async def cancel_queued(self) -> None:
+        """Cancel the builds the fuzzing queued, so that no runner picks them
+        up later (one that already ended answers bad_state: fine)."""
+        builds = self.report.queued
+        if not builds:
+            return
+        try:
+            wire = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
+        except ClientError:
+            self.report.left = len(builds)
+            return
+        try:
+            for build in builds:
+                await wire.send(f'API:cancel:{{"build": {json.dumps(build)}}}')
+                try:
+                    text = await wire.recv_text(self.timeout)
+                except WireTimeout:
+                    self.report.left += 1
+                    continue
+                if isinstance(text, Closed):
+                    self.report.left += len(builds) - self.report.cancelled
+                    return
+                answer = decode_server(text)
+                if isinstance(answer, Error) and answer.code == ErrorCode.RATE_LIMITED:
+                    await asyncio.sleep(1)  # (a budget of 200 a second)
+                    self.report.left += 1
+                elif not isinstance(answer, Error):
+                    self.report.cancelled += 1
+        finally:
+            await wire.close()
 
     def violation(self, case: Case, problem: str) -> None:
         self.report.violations.append(Violation(case, problem))
@@ -408,6 +474,8 @@ class _Lane:
                 return
             if message.COMMAND in _PUSHES:
                 continue
+            if isinstance(message, Queued):
+                fuzzer.report.queued.append(message.build)
             if isinstance(message, Error):
                 answer = f"error:{message.code}"
                 if message.code not in _CODES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import sys
 import time
@@ -58,6 +59,22 @@ def test_fuzz_passes_on_citron_server(server_factory: ServerFactory) -> None:
     assert "health checks passed: 2" in result.stdout
     for kind in ("valid", "invalid", "legacy", "binary", "oversized", "out_of_order", "flood"):
         assert f"  {kind} " in result.stdout
+    # It leaves nothing queued for a later runner.
+    assert "builds queued by the fuzzing:" in result.stdout
+    queued = citron("builds", server.url, "--state", "queued", "--json")
+    assert json.loads(queued.stdout) == []
+
+
+def test_fuzz_json_is_json(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    result = citron(
+        "fuzz", server.url, "--frames", "200", "--seed", "3", "--role", "API", "--json", timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    report = json.loads(result.stdout)
+    assert (report["seed"], report["violations"], report["health_checks"]) == (3, [], 1)
+    assert report["sent"]["valid"] > 0 and report["builds_left"] == 0
+    assert report["builds_cancelled"] <= report["builds_queued"]
 
 
 def test_conformance_runner_passes_on_citron_runner() -> None:
