@@ -740,7 +740,8 @@ class ClusterHost(Host):
         if theirs != mine:
             raise StoreError(
                 f"this server's hub options {mine} differ from the cluster's {theirs}: every"
-                " node needs the same --log-cap, --lost-grace, --retry-lost and --cancel-timeout"
+                " node needs the same --log-cap, --lost-grace, --retry-lost, --cancel-timeout,"
+                " --window and --retention"
             )
 
     async def _load_snapshot(self) -> None:
