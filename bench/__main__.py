@@ -652,39 +652,30 @@ class Bench:
 def make_history(path: str, n: int) -> None:
     """A SQLite store holding ``n`` finished builds, written straight in
     the schema the server uses."""
+    import attrs
+
     from citron_protocol import BuildState
     from citron_protocol.records import BuildRecord
-    from citron_server.store import _connect, _converter
+    from citron_server.store import write_database
 
-    db = _connect(path)
-    template = _converter.unstructure(
-        BuildRecord(
-            id="",
-            number=0,
-            state=BuildState.SUCCESS,
-            repo="https://x/r.git",
-            script=("make",),
-            created=1.7e9,
-            started=1.7e9,
-            finished=1.7e9,
-            success=True,
-            log_seq=1,
-            log_bytes=3,
-            revision=3,
-        )
+    template = BuildRecord(
+        id="",
+        number=0,
+        state=BuildState.SUCCESS,
+        repo="https://x/r.git",
+        script=("make",),
+        created=1.7e9,
+        started=1.7e9,
+        finished=1.7e9,
+        success=True,
+        log_seq=1,
+        log_bytes=3,
+        revision=3,
     )
-
-    def rows() -> Any:
-        for number in range(1, n + 1):
-            record = dict(template, id=f"b-{number}", number=number)
-            yield (f"b-{number}", number, "success", 1.7e9, json.dumps(record))
-
-    db.execute("BEGIN")
-    db.executemany(
-        "INSERT INTO builds (id, number, state, finished, record) VALUES (?, ?, ?, ?, ?)", rows()
+    write_database(
+        path,
+        (attrs.evolve(template, id=f"b-{number}", number=number) for number in range(1, n + 1)),
     )
-    db.execute("COMMIT")
-    db.close()
 
 
 def startup_time(db: str) -> float:

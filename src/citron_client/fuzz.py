@@ -35,6 +35,7 @@ from citron_protocol import (
     Subscribe,
     Unsubscribe,
     decode_server,
+    encode,
 )
 from citron_protocol.codec import parse_client, split_client
 from citron_protocol.messages import Queued, RunnerInit, ShutdownRunner
@@ -274,7 +275,7 @@ class Fuzzer:
             return
         try:
             for build in builds:
-                await wire.send(f'API:cancel:{{"build": {json.dumps(build)}}}')
+                await wire.send(encode(CancelBuild(build=build)))
                 try:
                     text = await wire.recv_text(self.timeout)
                 except WireTimeout:

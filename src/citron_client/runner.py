@@ -44,6 +44,7 @@ from citron_protocol import (
     ShutdownRequested,
     UsageError,
 )
+from citron_protocol.codec import frame_head
 
 from .connection import AuthError, Backoff, ConnectError, Endpoints, open_any
 from .masking import SecretMasker
@@ -228,12 +229,8 @@ class RunnerHost:
         except ProtocolError as exc:
             # Said loudly: a frame this runner cannot understand may be a
             # build it will never run.
-            command = text.split(":", 1)[0][:40]
             log.error(
-                "a frame from the server this runner cannot use (%s:, %d characters): %s",
-                command,
-                len(text),
-                exc,
+                "a frame from the server this runner cannot use (%s): %s", frame_head(text), exc
             )
             return
         for event in self.proto.events_received():

@@ -102,3 +102,8 @@ def conn_id_of(value: Any) -> ConnId:
     if type(value) not in (str, int):
         raise SnapshotError(f"hub snapshot content does not check out: connection id {value!r}")
     return value  # type: ignore[no-any-return]
+
+
+def no_constant(name: str) -> Any:
+    """JSON's ``NaN`` and ``Infinity`` are no value of a hub's state."""
+    raise ValueError(f"{name} is not a number a snapshot holds")

@@ -563,11 +563,15 @@ def split_client(text: str) -> tuple[Role, str, str]:
 
 
 def frame_head(text: str) -> str:
-    """What may be logged of a client frame: ``ROLE:command`` and its length,
-    never the payload (it may carry secrets). Never raises."""
+    """What may be logged of a frame: ``ROLE:command`` (a client frame) or
+    ``command:`` (a server frame) and its length, never the payload (it may
+    carry secrets). Never raises."""
     try:
         role, command, _ = split_client(text)
     except ProtocolError:
+        command = text.split(":", 1)[0]
+        if ":" in text and _COMMAND_RE.fullmatch(command):
+            return f"{command}:, {len(text)} characters"
         return f"a malformed frame of {len(text)} characters"
     return f"{role.value}:{command}, {len(text)} characters"
 

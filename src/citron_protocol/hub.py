@@ -666,7 +666,7 @@ class Hub:
         """
         try:
             outer = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise SnapshotError(
                 "not a citron hub snapshot (not JSON): a snapshot of citron before"
                 " 0.2 was a pickle, which this version never loads; delete it and"
@@ -687,11 +687,17 @@ class Hub:
         if not hmac.compare_digest(hashlib.sha256(body.encode()).hexdigest(), digest):
             raise SnapshotError("hub snapshot content does not match its digest: refused")
         try:
-            state = snap.converter.structure(json.loads(body), snap.HubState)
-        except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+            content = json.loads(body, parse_constant=snap.no_constant)
+            state = snap.converter.structure(content, snap.HubState)
+        except (ValueError, TypeError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
             raise SnapshotError(f"hub snapshot content does not check out: {exc}") from None
         hub = cls(ids, config)
-        hub._load_state(state)
+        try:
+            hub._load_state(state)
+        except RecursionError:  # (connection ids nested past any use)
+            raise SnapshotError(
+                "hub snapshot content does not check out: nested too deep"
+            ) from None
         return hub
 
     def _state(self) -> snap.HubState:
@@ -1239,8 +1245,7 @@ class Hub:
         else:
             run_seq = msg.seq
         build.run_seq = run_seq
-        if runner is not None and runner.init.protocol >= 2:
-            self._ack(c, build, run_seq)
+        self._ack(c, build, run_seq)
         if build.record.truncated:
             return
         size = utf8_size(msg.log)
@@ -1277,18 +1282,20 @@ class Hub:
         half = len(text) // 2
         return self._pieces(build_id, text[:half]) + self._pieces(build_id, text[half:])
 
-    def _ack(self, c: _Conn, build: _Build, seq: int) -> None:
+    def _ack(self, c: _Conn, build: _Build, seq: int | None = None) -> None:
         """Protocol 2: tell the runner, once durable, that its chunks up to
-        ``seq`` are stored (the host sends the last of these per build)."""
-        if c.runner is not None and c.runner.init.protocol >= 2:
-            frame = encode(Ack(build=build.id, seq=seq))
-            self._fx.acks.append((c.id, (build.id, "log"), frame))
+        ``seq`` are stored, or (no ``seq``) its result is. The host sends the
+        last of these per build and kind."""
+        if c.runner is None or c.runner.init.protocol < 2:
+            return
+        ack = Ack(build=build.id, seq=seq, finished=seq is None)
+        self._fx.acks.append(
+            (c.id, (build.id, "log" if seq is not None else "finished"), encode(ack))
+        )
 
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)
-        if runner.init.protocol >= 2:
-            done = encode(Ack(build=build.id, finished=True))
-            self._fx.acks.append((c.id, (build.id, "finished"), done))
+        self._ack(c, build)  # the result
         self._transition(build, BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL)
         self._release(runner, dispatch=not msg.leave)
         if msg.leave:

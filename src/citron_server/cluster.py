@@ -51,7 +51,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
 import attrs
-import cattrs
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -62,7 +61,7 @@ from citron_protocol.records import BuildRecord, FindBuilds, LogRecord, Record
 
 from .host import Connection, Host, HostConfig
 from .settings import redacted
-from .store import StoreError, record_json
+from .store import StoreError, record_json, record_of
 
 __all__ = ["ClusterConfig", "ClusterHost", "RedisStore", "ReplicaIds", "redacted"]
 
@@ -127,7 +126,6 @@ return 1
 """
 BUILDS: Final = PREFIX + "builds"  # every build, by number
 FINISHED: Final = PREFIX + "finished"  # finished builds, by finishing time
-_converter = cattrs.Converter()
 
 
 def build_key(build: str) -> str:
@@ -269,7 +267,7 @@ class RedisStore:
         try:
             if query.build is not None:
                 text: Any = await self.redis.hget(build_key(query.build), "r")
-                return None if text is None else [_record(text)]
+                return None if text is None else [record_of(text)]
             key = BUILDS if query.state is None else state_key(query.state.value)
             top = "+inf" if query.before is None else f"({query.before}"
             ids: Any = await self.redis.zrevrangebyscore(key, top, "-inf", start=0, num=query.limit)
@@ -279,7 +277,7 @@ class RedisStore:
                 texts: Any = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis: {exc}") from None
-        return [_record(t) for t in texts if t is not None]  # (purged meanwhile: gone)
+        return [record_of(t) for t in texts if t is not None]  # (purged meanwhile: gone)
 
     async def purge(self, finished_before: float, max_rows: int) -> int:
         """Every node purges: deleting twice is harmless. A log goes with
@@ -425,10 +423,6 @@ class RedisStore:
             for key in expire:
                 pipe.expire(key, max(1, round(self.config.log_retention or 0)))
             await pipe.execute()
-
-
-def _record(text: str) -> BuildRecord:
-    return _converter.structure(json.loads(text), BuildRecord)
 
 
 @attrs.define

@@ -23,7 +23,7 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
@@ -554,13 +554,32 @@ class Host:
 
     async def _find(self, find: FindBuilds) -> None:
         """Read stored builds for a request and hand them to the hub."""
+        failed = None
+        records = None
         try:
             records = await self.store.find_builds(find)
         except StoreError as exc:
             log.error("reading builds from the store failed: %s", exc)
-            self.apply(self.hub.builds_found(find.request, None, self.now(), failed=str(exc)))
+            failed = str(exc)
+        self._answer(
+            find.conn,
+            lambda: self.hub.builds_found(find.request, records, self.now(), failed=failed),
+        )
+
+    def _answer(self, conn_id: object, call: Callable[[], Effects]) -> None:
+        """Hand the store's answer to the hub. If the hub raises (a bug),
+        close the connection it was for with 1011 and keep serving: an
+        answer never dies in a task, unseen."""
+        try:
+            fx = call()
+        except Exception:  # a bug in the hub must not take the server down
+            self.internal_errors += 1
+            log.exception("connection %s: internal error on an answer from the store", conn_id)
+            conn = self.connections.get(conn_id)  # type: ignore[call-overload]
+            if conn is not None:
+                conn.close(1011, "internal error")
             return
-        self.apply(self.hub.builds_found(find.request, records, self.now()))
+        self.apply(fx)
 
     def _loaded(self, request: int, task: asyncio.Task[None]) -> None:
         if self._loading.get(request) is task:
@@ -588,4 +607,4 @@ class Host:
                 )
             except StoreError as exc:
                 log.error("reading the log of %s failed: %s", load.build, exc)
-        self.apply(self.hub.log_loaded(load.request, chunks, self.now()))
+        self._answer(load.conn, lambda: self.hub.log_loaded(load.request, chunks, self.now()))

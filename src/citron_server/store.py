@@ -25,7 +25,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ import orjson
 
 from citron_protocol.records import LIVE_STATES, BuildRecord, FindBuilds, LogRecord, Record, page_of
 
-__all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError", "write_database"]
 
 log = logging.getLogger("citron.store")
 
@@ -344,8 +344,11 @@ class SqliteStore:
         assert job.fn is not None and job.future is not None
         try:
             value = job.fn(db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             self._resolve(job.future, None, StoreError(str(exc)))
+        except Exception as exc:
+            log.exception("a read of the store failed")
+            self._resolve(job.future, None, StoreError(f"a read failed: {exc!r}"))
         else:
             self._resolve(job.future, value, None)
         return 0
@@ -425,7 +428,21 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("VACUUM")
 
 
-def _apply(db: sqlite3.Connection, records: Sequence[Record]) -> None:
+def write_database(path: str, records: Iterable[Record]) -> None:
+    """Write ``records``, in order, straight into the SQLite database at
+    ``path`` (made or migrated as the server would), in one transaction: for
+    tools, benchmarks and tests that prepare a history. No server may have
+    the database open meanwhile."""
+    db = _connect(path)
+    try:
+        db.execute("BEGIN")
+        _apply(db, records)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def _apply(db: sqlite3.Connection, records: Iterable[Record]) -> None:
     chunks: list[tuple[str, int, int, int | None, int, str]] = []
     for record in records:
         if isinstance(record, LogRecord):
@@ -459,6 +476,15 @@ def record_json(record: BuildRecord) -> str:
         return json.dumps(_converter.unstructure(record), separators=(",", ":"))
 
 
+def record_of(text: str) -> BuildRecord:
+    """A build record from the JSON the stores keep; StoreError (saying
+    what) for text that is not one, never another exception."""
+    try:
+        return _converter.structure(json.loads(text), BuildRecord)
+    except (ValueError, TypeError, KeyError, RecursionError, cattrs.BaseValidationError) as exc:
+        raise StoreError(f"a stored build record does not read back: {exc}") from None
+
+
 def _insert_chunks(
     db: sqlite3.Connection, chunks: list[tuple[str, int, int, int | None, int, str]]
 ) -> None:
@@ -479,7 +505,7 @@ def _load_builds(db: sqlite3.Connection) -> list[BuildRecord]:
     ).fetchall()
     out = []
     for (text,) in rows:
-        record = _converter.structure(json.loads(text), BuildRecord)
+        record = record_of(text)
         log_seq, log_bytes = db.execute(
             "SELECT coalesce(max(seq), 0), coalesce(sum(size), 0) FROM log_chunks WHERE build = ?",
             (record.id,),
@@ -499,7 +525,7 @@ def _load_builds(db: sqlite3.Connection) -> list[BuildRecord]:
 def _find_builds(db: sqlite3.Connection, query: FindBuilds) -> list[BuildRecord] | None:
     if query.build is not None:
         row = db.execute("SELECT record FROM builds WHERE id = ?", (query.build,)).fetchone()
-        return None if row is None else [_converter.structure(json.loads(row[0]), BuildRecord)]
+        return None if row is None else [record_of(row[0])]
     where: list[str] = []
     args: list[object] = []
     if query.before is not None:
@@ -512,7 +538,7 @@ def _find_builds(db: sqlite3.Connection, query: FindBuilds) -> list[BuildRecord]
     if where:
         sql += " WHERE " + " AND ".join(where)
     rows = db.execute(sql + " ORDER BY number DESC LIMIT ?", (*args, query.limit))
-    return [_converter.structure(json.loads(text), BuildRecord) for (text,) in rows]
+    return [record_of(text) for (text,) in rows]
 
 
 def _purge(db: sqlite3.Connection, finished_before: float, max_rows: int) -> int:

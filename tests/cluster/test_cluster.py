@@ -495,29 +495,19 @@ async def test_retention_on_redis_deletes_what_it_should_and_nothing_else(
     redis_server: RedisServer,
 ) -> None:
     from citron_protocol import BuildState
-    from citron_protocol.records import BuildRecord, LogRecord
+    from citron_protocol.records import LogRecord
     from citron_server.cluster import ClusterConfig, RedisStore
+
+    from ..server.test_store import finished
 
     redis_server.client().flushall()
     store = RedisStore(ClusterConfig(url=redis_server.url()))
     await store.open()
     now = 1_000_000.0
 
-    def record(n: int, state: BuildState, at: float) -> BuildRecord:
-        return BuildRecord(
-            id=f"b{n}",
-            number=n,
-            state=state,
-            repo="r",
-            script=("x",),
-            created=at,
-            finished=at if state.finished else None,
-            revision=2,
-        )
-
-    old = [record(n, BuildState.SUCCESS, now - 10 * 86400) for n in range(1, 11)]
-    recent = [record(n, BuildState.FAILURE, now - 86400) for n in range(11, 16)]
-    live = [record(n, BuildState.RUNNING, now - 30 * 86400) for n in range(16, 18)]
+    old = [finished(n, now - 10 * 86400) for n in range(1, 11)]
+    recent = [finished(n, now - 86400, BuildState.FAILURE) for n in range(11, 16)]
+    live = [finished(n, now - 30 * 86400, BuildState.RUNNING) for n in range(16, 18)]
     records: list[Any] = [*old, *recent, *live]
     for b in [*old, *recent, *live]:
         records += [
@@ -525,7 +515,7 @@ async def test_retention_on_redis_deletes_what_it_should_and_nothing_else(
             for s in range(1, 4)
         ]
     # An older revision written late (by a slower node) changes nothing.
-    records.append(attrs.evolve(record(1, BuildState.RUNNING, now), revision=1))
+    records.append(attrs.evolve(finished(1, now, BuildState.RUNNING), revision=1))
     store.write(records)
     assert await store.max_number() == 17
     total = 0

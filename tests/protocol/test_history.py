@@ -134,9 +134,11 @@ def test_a_restart_loads_only_the_live_builds() -> None:
     assert in_memory(h) == 1
     api = h.connect()
     assert page_all(h, api, 30) == [queued, *reversed(done)]
-    # Numbers go on from the store's highest.
-    (reply,) = h.send(api, f'API:get_build:{{"build": "{h.submit(api)}"}}')
+    # Numbers go on from the store's highest: the new build is the newest.
+    latest = h.submit(api)
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{latest}"}}')
     assert reply.build.id not in done
+    assert page_all(h, api, 30)[0] == latest
 
 
 def test_a_store_that_cannot_be_read_answers_unavailable() -> None:
@@ -282,3 +284,27 @@ def test_paging_matches_the_store_whatever_the_window(window: int, n: int, limit
     live = h.submit(api, extra=', "type": "none"')
     assert page_all(h, api, limit) == [live, *reversed(done)]
     assert in_memory(h) == min(window, n) + 1
+
+
+def resealed(data: bytes, body: str) -> bytes:
+    """``data`` with its content text replaced and the digest made to match."""
+    outer = json.loads(data)
+    outer["hub"] = body
+    outer["sha256"] = hashlib.sha256(body.encode()).hexdigest()
+    return json.dumps(outer).encode()
+
+
+def test_nan_and_deep_nesting_are_refused() -> None:
+    data = busy_hub().hub.snapshot()
+    body = json.loads(data)["hub"]
+    with pytest.raises(SnapshotError, match="NaN"):
+        Hub.from_snapshot(
+            resealed(data, body.replace('"now":', '"now":NaN,"was":', 1)), CountingIds()
+        )
+    content = json.loads(body)
+    content["conns"][0]["id"] = "PLACEHOLDER"
+    deep = json.dumps(content).replace('"PLACEHOLDER"', "[" * 5000 + "0" + "]" * 5000)
+    with pytest.raises(SnapshotError, match="does not check out"):
+        Hub.from_snapshot(resealed(data, deep), CountingIds())
+    with pytest.raises(SnapshotError, match="not JSON"):
+        Hub.from_snapshot(b"[" * 100_000, CountingIds())

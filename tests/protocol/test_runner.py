@@ -205,10 +205,16 @@ def test_a_seed_only_servers_build_runs_and_is_answered_in_the_seeds_frames() ->
     assert proto.data_to_send() == ['RUNNER:process:{"finished":true,"success":false}']
 
 
-def test_a_seed_build_in_flight_is_dropped_on_a_reconnect() -> None:
+def seed_build() -> RunnerProtocol:
+    """A runner whose seed-only server gave it a build (no ready:, no id)."""
     proto = RunnerProtocol(type="simple")
     proto.connect()
     proto.receive('run:{"repo": "r", "script": ["x"]}')
+    return proto
+
+
+def test_a_seed_build_in_flight_is_dropped_on_a_reconnect() -> None:
+    proto = seed_build()
     proto.events_received()
     proto.log("before\n")
     proto.connection_lost()
@@ -222,9 +228,7 @@ def test_a_seed_build_in_flight_is_dropped_on_a_reconnect() -> None:
 
 
 def test_a_run_while_a_build_runs_is_still_unexpected() -> None:
-    proto = RunnerProtocol(type="simple")
-    proto.connect()
-    proto.receive('run:{"repo": "r", "script": ["x"]}')
+    proto = seed_build()
     with pytest.raises(UnexpectedMessage):
         proto.receive('run:{"repo": "r", "script": ["y"]}')
 

@@ -4,11 +4,12 @@ builds. Both transports, real loopback sockets."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from citron_protocol.messages import BuildState
-from citron_protocol.records import BuildRecord
-from citron_server.store import _connect, record_json
+from citron_protocol.records import BuildRecord, LogRecord, Record
+from citron_server.store import write_database
 
 from ..conftest import ServerFactory
 from ..peers import ask, expect, follow, page_all, peer, runner, submit
@@ -18,33 +19,26 @@ HISTORY = 20_000
 
 def fill(db: Path, n: int) -> None:
     """``n`` finished builds (every 100th failed), the oldest with a log."""
-    conn = _connect(str(db))
-    conn.execute("BEGIN")
-    rows = []
+    records: list[Record] = []
     for number in range(1, n + 1):
         state = BuildState.FAILURE if number % 100 == 0 else BuildState.SUCCESS
-        record = BuildRecord(
-            id=f"old-{number}",
-            number=number,
-            state=state,
-            repo="https://x/r.git",
-            script=("make",),
-            created=1.7e9 + number,
-            finished=1.7e9 + number + 1,
-            success=state is BuildState.SUCCESS,
-            log_seq=1 if number == 1 else 0,
-            log_bytes=6 if number == 1 else 0,
-            revision=3,
+        records.append(
+            BuildRecord(
+                id=f"old-{number}",
+                number=number,
+                state=state,
+                repo="https://x/r.git",
+                script=("make",),
+                created=1.7e9 + number,
+                finished=1.7e9 + number + 1,
+                success=state is BuildState.SUCCESS,
+                log_seq=1 if number == 1 else 0,
+                log_bytes=6 if number == 1 else 0,
+                revision=3,
+            )
         )
-        rows.append((record.id, number, state.value, record.finished, record_json(record)))
-    conn.executemany(
-        "INSERT INTO builds (id, number, state, finished, record) VALUES (?, ?, ?, ?, ?)", rows
-    )
-    conn.execute(
-        "INSERT INTO log_chunks VALUES ('old-1', 1, 1, 1, 6, 'first\n')",
-    )
-    conn.execute("COMMIT")
-    conn.close()
+    records.append(LogRecord(build="old-1", seq=1, log="first\n", attempt=1, run_seq=1, size=6))
+    write_database(str(db), records)
 
 
 async def test_a_long_history_is_served_from_the_store(
@@ -84,3 +78,20 @@ async def test_a_long_history_is_served_from_the_store(
     assert len(await page_all(web, 1000)) == HISTORY + len(new) + 1
     assert server.healthz()["builds"] == {"queued": 1, "running": 0}
     assert "restored 0 builds not finished" in server.log()
+
+
+async def test_a_stored_build_that_does_not_read_back_is_answered_unavailable(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "history.db"
+    fill(db, 50)
+    with sqlite3.connect(db) as conn:  # a record damaged on disk
+        conn.execute("UPDATE builds SET record = 'not json' WHERE id = 'old-7'")
+    conn.close()
+    server = server_factory("--window", "10", db=db)
+    web = await peer(server.url)
+    error = await ask(web, 'WEB:get_build:{"build": "old-7", "req": "bad"}')
+    assert (error.code, error.req) == ("unavailable", "bad")
+    assert "does not read back" in error.message
+    info = (await ask(web, 'WEB:get_build:{"build": "old-8"}')).build
+    assert info.id == "old-8"  # the server and its store carry on

@@ -86,14 +86,11 @@ async def test_a_failed_store_says_so_and_drops_writes(tmp_path: Path) -> None:
 
 
 def finished(number: int, at: float, state: BuildState = BuildState.SUCCESS) -> BuildRecord:
-    return BuildRecord(
-        id=f"b{number}",
-        number=number,
-        state=state,
-        repo="r",
-        script=("make",),
+    """Build ``number`` created at ``at``, and finished then if ``state`` is final."""
+    return attrs.evolve(
+        build(number, state),
         created=at,
-        finished=None if not state.finished else at,
+        finished=at if state.finished else None,
         success=state is BuildState.SUCCESS if state.finished else None,
         revision=3,
     )
@@ -187,3 +184,28 @@ async def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+
+
+async def test_a_record_that_does_not_read_back_is_a_store_error_and_the_store_goes_on(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "c.db"))
+    await store.open()
+    store.write([finished(1, 10.0), finished(2, 20.0)])
+    await store.flush()
+    await store._call(
+        lambda db: db.execute("UPDATE builds SET record = '{\"id\": 5}' WHERE id = 'b1'")
+    )
+    with pytest.raises(StoreError, match="does not read back"):
+        await asyncio.wait_for(
+            store.find_builds(FindBuilds(request=1, conn=1, build="b1")), timeout=5
+        )
+    # The store's thread is still there: the next read is answered.
+    (b2,) = (
+        await asyncio.wait_for(
+            store.find_builds(FindBuilds(request=1, conn=1, build="b2")), timeout=5
+        )
+        or []
+    )
+    assert b2.id == "b2" and await store.max_number() == 2
+    await store.close()
