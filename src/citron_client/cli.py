@@ -164,7 +164,16 @@ def build_parser() -> _Parser:
     )
     p.add_argument("--max-wait", type=float, default=20.0, help="skip checks that wait longer (s)")
     p.add_argument(
-        "--cancel-grace", type=float, default=15.0, help="runner: time to end a cancelled build (s)"
+        "--cancel-grace", type=float, default=10.0, help="runner: time to end a cancelled build (s)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="how long one expected frame may take (s; default 5 for a server, 10 for a runner)",
+    )
+    p.add_argument(
+        "--check", action="append", default=[], metavar="NAME", help="run only this check (repeat)"
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("command_argv", nargs="*", help=argparse.SUPPRESS)
@@ -344,32 +353,51 @@ async def _conformance(args: argparse.Namespace) -> int:
             raise UsageError("conformance --runner needs the runner command after --")
         if shutil.which(args.command_argv[0]) is None:
             raise UsageError(f"cannot start the runner command: {args.command_argv[0]!r} not found")
-        results = await RunnerConformance(args.command_argv, cancel_grace=args.cancel_grace).run()
+        runner = RunnerConformance(
+            args.command_argv,
+            cancel_grace=args.cancel_grace,
+            timeout=args.timeout or 10.0,
+            only=args.check,
+        )
+        _known_checks(args.check, [name for name, _ in runner.checks])
+        results = await runner.run()
         title = f"citron conformance --runner -- {' '.join(args.command_argv)}"
     else:
         if not args.url or args.command_argv:
             raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
-        await _reachable(args.url, _tokens(args)[Role.WEB], args.ca)
         checker = ServerConformance(
             args.url,
             _tokens(args),
             lost_grace=args.lost_grace,
             cancel_timeout=args.cancel_timeout,
             max_wait=args.max_wait,
+            timeout=args.timeout or 5.0,
             ca=args.ca,
+            only=args.check,
         )
+        _known_checks(args.check, [name for name, _ in checker.checks])
+        await _reachable(args.url, _tokens(args)[Role.WEB], args.ca)
         results = await checker.run()
         title = f"citron conformance {args.url}"
     if args.json:
         print(
             json.dumps(
-                [{"check": r.name, "status": r.status, "detail": r.detail} for r in results],
+                [
+                    {"check": r.name, "status": r.status, "detail": r.detail, "output": r.output}
+                    for r in results
+                ],
                 indent=2,
             )
         )
     else:
         print_results(title, results)
     return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def _known_checks(asked: Sequence[str], names: Sequence[str]) -> None:
+    unknown = [name for name in asked if name not in names]
+    if unknown:
+        raise UsageError(f"no check named {unknown[0]!r}; the checks: {', '.join(names)}")
 
 
 async def _run(args: argparse.Namespace) -> int:

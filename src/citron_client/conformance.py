@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -41,6 +42,7 @@ class CheckResult:
     name: str
     status: str
     detail: str = ""
+    output: str = ""  # what the implementation said (a runner's stderr) when it failed
 
 
 class _Skip(Exception):
@@ -63,6 +65,10 @@ def print_results(title: str, results: Sequence[CheckResult], out: Any = None) -
     print(title, file=out)
     for r in results:
         print(f"  {r.name.ljust(width)}  {r.status.upper():4}  {r.detail}".rstrip(), file=out)
+        if r.output:
+            print("      the runner's stderr:", file=out)
+            for line in r.output.splitlines():
+                print(f"      | {line}".rstrip(), file=out)
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)}
     print(f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped", file=out)
 
@@ -105,8 +111,10 @@ class ServerConformance:
         max_wait: float = 20.0,
         timeout: float = 5.0,
         ca: str | None = None,
+        only: Sequence[str] = (),
     ) -> None:
         self.url = url
+        self.only = list(only)
         self.tokens = tokens or {}
         self.ca = ca
         self.lost_grace, self.cancel_timeout = lost_grace, cancel_timeout
@@ -136,6 +144,8 @@ class ServerConformance:
         try:
             results = []
             for name, check in self.checks:
+                if self.only and name not in self.only:
+                    continue
                 results += await _run_checks([(name, check)], limit)
                 await self._close_all()
             return results
@@ -475,189 +485,462 @@ class ServerConformance:
 
 # -- the runner side -------------------------------------------------------------------
 
+#: Seconds a runner is given to exit after SIGTERM before it gets SIGKILL.
+STOP_GRACE = 5.0
+#: Seconds a runner that was told to leave is watched for a new connection.
+REJOIN_WATCH = 2.0
+#: Lines of the runner's stderr shown with a failed check.
+STDERR_LINES = 25
+
+
+class _Stage:
+    """One check's world: a scripted server on a free loopback port and a
+    fresh runner process connected to it, stopped (SIGTERM, then SIGKILL)
+    when the check ends. The runner's stderr goes to a file, shown when the
+    check fails."""
+
+    def __init__(self, command: list[str], workdir: Path, timeout: float) -> None:
+        self.command = command
+        self.workdir = workdir
+        self.timeout = timeout
+        self.stderr_path = workdir / "stderr.txt"
+        self.incoming: asyncio.Queue[tuple[ServerConnection, str | None]] = asyncio.Queue()
+        self.connections: list[ServerConnection] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.protocol = 1  # what the scripted server speaks with this runner
+        self.killed = False
+        self.resent = 0  # chunks sent again that were stored already (ignored)
+        self.exited: int | None = None  # the exit status, when it ended before the stop
+        self.current: ServerConnection | None = None  # the connection of the last init
+        self._server: Any = None
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handler, "127.0.0.1", 0, compression=None, max_size=8 * 1024 * 1024
+        )
+        port = self._server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/ws"
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [*self.command, url],
+                env={**os.environ, "CITRON_URL": url},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            self.exited = proc.poll()
+        if proc is not None and proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self._signal(signal.SIGKILL)
+                await asyncio.to_thread(proc.wait, 10)
+        elif proc is not None:
+            self._signal(signal.SIGKILL)  # what it left behind in its group
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stderr_tail(self) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = text.rstrip().splitlines()[-STDERR_LINES:]
+        if self.exited is not None:
+            lines.append(f"(the runner exited with {self.exited} before the check ended)")
+        elif self.killed:
+            lines.append(f"(the runner was still running {STOP_GRACE:g} s after SIGTERM: killed)")
+        return "\n".join(lines)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        try:
+            async for text in ws:
+                await self.incoming.put((ws, text if isinstance(text, str) else None))
+        except ConnectionClosed:
+            pass
+        await self.incoming.put((ws, None))
+
+    async def next(self, timeout: float | None = None) -> tuple[ServerConnection, Any, str]:
+        """The next frame (decoded, and as sent); None at a close."""
+        wait = self.timeout if timeout is None else timeout
+        try:
+            ws, text = await asyncio.wait_for(self.incoming.get(), wait)
+        except TimeoutError:
+            exit = self.proc.poll() if self.proc is not None else None
+            if exit is not None:
+                raise _Fail(f"the runner exited with {exit}") from None
+            raise _Fail(f"the runner sent nothing for {wait:g} s") from None
+        if text is None:
+            return ws, None, ""
+        try:
+            return ws, decode_client(text), text
+        except ProtocolError as exc:
+            raise _Fail(f"the runner sent a bad frame: {exc}: {text[:200]!r}") from None
+
+    async def init(
+        self, stale: ServerConnection | None = None
+    ) -> tuple[ServerConnection, RunnerInit, str]:
+        """The runner's init on a new connection (what ``stale`` still had
+        in flight is skipped)."""
+        while True:
+            ws, message, text = await self.next()
+            if message is None or ws is stale:
+                continue
+            _check(isinstance(message, RunnerInit), f"the first frame is not init: {text[:200]!r}")
+            self.current = ws
+            return ws, message, text
+
+    async def register(self) -> tuple[ServerConnection, RunnerInit, str]:
+        """init, answered with ready; returns the connection, init, session."""
+        ws, init, _ = await self.init()
+        self.protocol = 2 if init.protocol >= 2 else 1
+        session = "session-" + secrets.token_hex(8)
+        await ws.send(json_frame("ready", runner="r-1", protocol=self.protocol, session=session))
+        return ws, init, session
+
+    async def collect(
+        self,
+        build: str,
+        logs: list[RunnerLog] | None = None,
+        stored: int = 0,
+        timeout: float | None = None,
+    ) -> tuple[list[RunnerLog], RunnerFinished | None]:
+        """Chunks of ``build`` until its result (None: the connection closed).
+
+        A chunk with a ``seq`` up to ``stored`` (or up to the last one kept)
+        is a resend and is ignored, as a server does; a gap fails."""
+        logs = [] if logs is None else logs
+        last = stored
+        while True:
+            ws, message, text = await self.next(timeout)
+            if ws is not self.current:
+                continue  # what an old connection still had in flight
+            if message is None:
+                return logs, None
+            if isinstance(message, RunnerFinished):
+                _check(message.build in (None, build), f"the result names build {message.build}")
+                if self.protocol >= 2:
+                    await _send(ws, json_frame("ack", build=build, finished=True))
+                return logs, message
+            _check(isinstance(message, RunnerLog), f"unexpected during a build: {text[:200]!r}")
+            _check(message.build in (None, build), f"a chunk names build {message.build}")
+            if message.seq is not None:
+                if message.seq <= last:
+                    self.resent += 1
+                    continue  # stored already: ignored
+                _check(message.seq == last + 1, f"seq {message.seq} after {last}: a gap")
+                last = message.seq
+            logs.append(message)
+
+    async def left(self, ws: ServerConnection) -> str:
+        """The runner closes ``ws`` and does not come back for a while."""
+        while True:
+            try:
+                peer, message, text = await self.next()
+            except _Fail as exc:
+                raise _Fail(
+                    f"the runner did not close its connection after shutdown: ({exc})"
+                ) from None
+            if peer is ws and message is None:
+                break
+            _check(
+                peer is ws and not isinstance(message, RunnerInit),
+                f"the runner went on after shutdown: {text[:200]!r}",
+            )
+        with contextlib.suppress(_Fail):
+            peer, message, text = await self.next(REJOIN_WATCH)
+            raise _Fail(f"the runner came back after shutdown: {text[:200]!r}")
+        exit = self.proc.poll() if self.proc is not None else None
+        return "closed, did not come back" + (f", exited {exit}" if exit is not None else "")
+
+
+async def _send(ws: ServerConnection, text: str) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(text)
+
+
+def _text(logs: Sequence[RunnerLog]) -> str:
+    return "".join(m.log for m in logs)
+
+
+def _last_seq(logs: Sequence[RunnerLog]) -> int:
+    return max((m.seq for m in logs if m.seq is not None), default=0)
+
 
 class RunnerConformance:
     """Plays a scripted server on a free loopback port and checks a runner.
 
-    The runner command gets the URL as its last argument and in
-    ``CITRON_URL``. Builds use a git repository made in a temp directory
-    (``file://``), scripts of plain ``echo`` and ``sleep`` lines.
+    Each check starts the runner command afresh, with the URL as its last
+    argument and in ``CITRON_URL``, and stops it at the end (SIGTERM, then
+    SIGKILL). Builds use a git repository made in a temp directory
+    (``file://``), scripts of plain shell lines (``echo``, ``sleep``,
+    ``printf``, ``exit``).
     """
 
     def __init__(
-        self, command: Sequence[str], *, cancel_grace: float = 15.0, timeout: float = 20.0
+        self,
+        command: Sequence[str],
+        *,
+        cancel_grace: float = 10.0,
+        timeout: float = 10.0,
+        only: Sequence[str] = (),
     ) -> None:
         self.command = list(command)
         self.cancel_grace = cancel_grace
         self.timeout = timeout
-        self._incoming: asyncio.Queue[tuple[ServerConnection, str | None]] = asyncio.Queue()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.only = list(only)
         self.repo = ""
 
+    @property
+    def checks(self) -> list[tuple[str, Callable[[_Stage], Awaitable[str | None]]]]:
+        return [
+            ("init", self.check_init),
+            ("protocol", self.check_protocol),
+            ("build_and_log", self.check_build),
+            ("failing_script", self.check_failure),
+            ("secret_masking", self.check_secrets),
+            ("cancel", self.check_cancel),
+            ("shutdown_idle", self.check_shutdown_idle),
+            ("shutdown_busy", self.check_shutdown_busy),
+            ("reconnect_resume", self.check_resume),
+            ("acks", self.check_acks),
+        ]
+
     async def run(self) -> list[CheckResult]:
+        results = []
         with tempfile.TemporaryDirectory(prefix="citron-conformance-") as tmp:
             self.repo = _make_repo(Path(tmp))
-            async with serve(self._handler, "127.0.0.1", 0, compression=None) as server:
-                port = server.sockets[0].getsockname()[1]
-                url = f"ws://127.0.0.1:{port}/ws"
-                self._proc = subprocess.Popen(
-                    [*self.command, url],
-                    env={**os.environ, "CITRON_URL": url},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            for i, (name, check) in enumerate(self.checks):
+                if self.only and name not in self.only:
+                    continue
+                workdir = Path(tmp) / f"check-{i}"
+                workdir.mkdir()
+                stage = _Stage(self.command, workdir, self.timeout)
                 try:
-                    state: dict[str, Any] = {}
-                    checks = [
-                        ("init", lambda: self.check_init(state)),
-                        ("build_and_log", lambda: self.check_build(state)),
-                        ("cancel", lambda: self.check_cancel(state)),
-                        ("reconnect_resume", lambda: self.check_resume(state)),
-                    ]
-                    return await _run_checks(checks, self.timeout + self.cancel_grace)
+                    await stage.start()
+                    [result] = await _run_checks(
+                        [(name, functools.partial(check, stage))],
+                        4 * self.timeout + self.cancel_grace,
+                    )
                 finally:
-                    self._stop()
+                    await stage.stop()
+                if result.status == FAIL:
+                    result = attrs.evolve(result, output=stage.stderr_tail())
+                results.append(result)
+        return results
 
-    def _stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(10)
+    def run_frame(self, build: str, script: list[str], **extra: Any) -> str:
+        return json_frame("run", build=build, repo=self.repo, script=script, **extra)
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        try:
-            async for text in ws:
-                await self._incoming.put((ws, text if isinstance(text, str) else None))
-        except ConnectionClosed:
-            pass
-        await self._incoming.put((ws, None))
-
-    async def _next(self, timeout: float | None = None) -> tuple[ServerConnection, Any]:
-        ws, text = await asyncio.wait_for(self._incoming.get(), timeout or self.timeout)
-        if text is None:
-            return ws, None
-        try:
-            return ws, decode_client(text)
-        except ProtocolError as exc:
-            raise _Fail(f"the runner sent a bad frame: {exc}: {text[:200]!r}") from None
-
-    async def _init(
-        self, stale: ServerConnection | None = None
-    ) -> tuple[ServerConnection, RunnerInit]:
-        while True:
-            ws, message = await self._next()
-            if message is None or ws is stale:
-                continue  # what the old connection still had in flight
-            _check(isinstance(message, RunnerInit), f"the first frame is not init: {message!r}")
-            return ws, message
-
-    async def _collect(
-        self, build: str, after: int = 0
-    ) -> tuple[list[RunnerLog], RunnerFinished | None]:
-        logs: list[RunnerLog] = []
-        while True:
-            _, message = await self._next()
-            if message is None:
-                return logs, None
-            if isinstance(message, RunnerFinished):
-                _check(message.build in (None, build), f"finished names build {message.build}")
-                return logs, message
-            _check(isinstance(message, RunnerLog), f"unexpected {message!r} during a build")
-            _check(message.build in (None, build), f"log names build {message.build}")
-            if message.seq is not None:
-                last = logs[-1].seq if logs and logs[-1].seq is not None else after
-                _check(message.seq == last + 1, f"seq {message.seq} after {last}")
+    async def _output_until(
+        self, stage: _Stage, build: str, needle: str, logs: list[RunnerLog], chunks: int = 1
+    ) -> None:
+        """Chunks of ``build`` into ``logs`` until ``needle`` was printed, in
+        at least ``chunks`` chunks."""
+        while needle not in _text(logs) or len(logs) < chunks:
+            _, message, text = await stage.next()
+            _check(message is not None, "the connection closed during the build")
+            _check(isinstance(message, RunnerLog), f"expected output, got {text[:200]!r}")
+            _check(message.build in (None, build), f"a chunk names build {message.build}")
             logs.append(message)
 
-    async def check_init(self, state: dict[str, Any]) -> str:
-        ws, init = await self._init()
+    async def check_init(self, stage: _Stage) -> str:
+        _, init, _ = await stage.init()
         _check(bool(init.type), "init has no type")
-        state["ws"], state["init"], state["session"] = ws, init, "session-" + secrets.token_hex(8)
-        await ws.send(
-            json_frame("ready", runner="r-conformance", protocol=1, session=state["session"])
-        )
-        return f"type {init.type}, protocol {init.protocol}"
+        return f"type {init.type}, name {init.name or '-'}"
 
-    async def check_build(self, state: dict[str, Any]) -> None:
-        ws = state["ws"]
-        await ws.send(
-            json_frame(
-                "run",
-                build="b-1",
-                repo=self.repo,
-                script=["echo conformance-one", "echo conformance-two"],
-            )
+    async def check_protocol(self, stage: _Stage) -> str:
+        _, init, text = await stage.init()
+        payload = json.loads(text.split(":", 2)[2])
+        _check(
+            "protocol" in payload,
+            "init has no protocol: the server must treat it as the legacy runner (protocol 0)",
         )
-        logs, finished = await self._collect("b-1")
+        _check(init.protocol >= 1, f"init says protocol {init.protocol}: the legacy runner")
+        return f"protocol {init.protocol}"
+
+    async def check_build(self, stage: _Stage) -> None:
+        ws, _, _ = await stage.register()
+        await ws.send(self.run_frame("b-1", ["echo conformance-one", "echo conformance-two"]))
+        logs, finished = await stage.collect("b-1")
         _check(finished is not None, "the connection closed before the result")
         assert finished is not None
-        text = "".join(m.log for m in logs)
+        text = _text(logs)
         _check(
             "conformance-one" in text and "conformance-two" in text,
             f"the output is missing from {text[-300:]!r}",
         )
-        _check(finished.success, "a build of echo lines failed")
+        _check(finished.success, "a build of echo lines reported failure")
 
-    async def check_cancel(self, state: dict[str, Any]) -> str:
-        ws = state["ws"]
-        await ws.send(
-            json_frame("run", build="b-2", repo=self.repo, script=["echo started", "sleep 120"])
+    async def check_failure(self, stage: _Stage) -> str:
+        ws, _, _ = await stage.register()
+        script = ["echo conformance-before", "exit 3", "echo conformance-after"]
+        await ws.send(self.run_frame("b-1", script))
+        logs, finished = await stage.collect("b-1")
+        _check(finished is not None, "the connection closed before the result")
+        assert finished is not None
+        _check("conformance-before" in _text(logs), "the first line's output is missing")
+        _check(not finished.success, "a script with a line that exits 3 reported success")
+        ran = "conformance-after" in _text(logs).replace("echo conformance-after", "")
+        return "failure reported" + (", the lines after it ran" if ran else "")
+
+    async def check_secrets(self, stage: _Stage) -> str:
+        ws, _, _ = await stage.register()
+        value = "conf-" + secrets.token_hex(8)
+        script = [
+            'echo "whole: $CONFORMANCE_SECRET"',
+            # half of it, a pause (the runner sends what it has), the rest
+            "printf 'split: %.9s' \"$CONFORMANCE_SECRET\"; sleep 1;"
+            " printf '%s\\n' \"${CONFORMANCE_SECRET#?????????}\"",
+        ]
+        secret = {"CONFORMANCE_SECRET": value}
+        await ws.send(self.run_frame("b-1", script, secrets=secret))
+        logs, finished = await stage.collect("b-1")
+        _check(finished is not None, "the connection closed before the result")
+        assert finished is not None
+        text = _text(logs)
+        _check(finished.success, f"the build failed: {text[-300:]!r}")
+        _check("whole: " in text and "split: " in text, f"the output is missing: {text[-300:]!r}")
+        _check("whole: ***" in text, f"a secret is not replaced with ***: {text[-300:]!r}")
+        _check(value not in text, "a secret split across two chunks is in the log unmasked")
+        _check(value[:9] not in text, "the first half of a secret split across chunks is unmasked")
+        _check(
+            "split: ***" in text,
+            f"a secret split across chunks is not replaced with ***: {text[-300:]!r}",
         )
-        started = time.monotonic()
-        seen = ""
-        while "started" not in seen:
-            _, message = await self._next()
-            _check(isinstance(message, RunnerLog), f"expected output, got {message!r}")
-            seen += message.log
-            _check(time.monotonic() - started < self.timeout, "no output")
-        await ws.send(json_frame("cancel", build="b-2"))
-        sent = time.monotonic()
-        while True:
-            _, message = await self._next(self.cancel_grace)
-            if isinstance(message, RunnerFinished):
-                _check(not message.success, "a cancelled build reported success")
-                return f"ended {time.monotonic() - sent:.1f} s after cancel"
-            _check(isinstance(message, RunnerLog), f"unexpected {message!r} after cancel")
+        return f"masked, also across {len(logs)} chunks"
 
-    async def check_resume(self, state: dict[str, Any]) -> None:
-        ws = state["ws"]
-        script = ["for i in $(seq 1 40); do echo resume-line-$i; sleep 0.05; done"]
-        await ws.send(json_frame("run", build="b-3", repo=self.repo, script=script))
+    async def check_cancel(self, stage: _Stage) -> str:
+        ws, _, _ = await stage.register()
+        await ws.send(self.run_frame("b-1", ["echo started", "sleep 120"]))
         logs: list[RunnerLog] = []
-        while sum(m.log.count("resume-line-") for m in logs) < 5:
-            _, message = await self._next()
-            _check(isinstance(message, RunnerLog), f"expected output, got {message!r}")
-            logs.append(message)
-        stored = len(logs)
+        await self._output_until(stage, "b-1", "started", logs)
+        await ws.send(json_frame("cancel", build="b-1"))
+        sent = time.monotonic()
+        logs, finished = await stage.collect(
+            "b-1", logs, stored=_last_seq(logs), timeout=self.cancel_grace
+        )
+        _check(finished is not None, "the connection closed before the result")
+        assert finished is not None
+        _check(not finished.success, "a cancelled build reported success")
+        return f"ended {time.monotonic() - sent:.1f} s after cancel"
+
+    async def check_shutdown_idle(self, stage: _Stage) -> str:
+        ws, _, _ = await stage.register()
+        await asyncio.sleep(0.2)
+        await ws.send("shutdown:")
+        return await stage.left(ws)
+
+    async def check_shutdown_busy(self, stage: _Stage) -> str:
+        ws, _, _ = await stage.register()
+        script = ["echo shutdown-start", "sleep 1", "echo shutdown-end"]
+        await ws.send(self.run_frame("b-1", script))
+        logs: list[RunnerLog] = []
+        await self._output_until(stage, "b-1", "shutdown-start", logs)
+        await ws.send("shutdown:")
+        logs, finished = await stage.collect("b-1", logs, stored=_last_seq(logs))
+        _check(finished is not None, "the connection closed before the build's result")
+        assert finished is not None
+        _check(
+            "shutdown-end" in _text(logs),
+            "the build was stopped: shutdown: lets the build in flight finish",
+        )
+        _check(finished.success, "the build reported failure")
+        _check(finished.leave, 'the result of the last build has no "leave": true')
+        return await stage.left(ws)
+
+    async def check_resume(self, stage: _Stage) -> str:
+        ws, _, session = await stage.register()
+        script = ["for i in $(seq 1 40); do echo resume-line-$i; sleep 0.05; done"]
+        await ws.send(self.run_frame("b-1", script))
+        logs: list[RunnerLog] = []
+        await self._output_until(stage, "b-1", "resume-line-5\n", logs)
         _check(all(m.seq is not None for m in logs), "the runner sends no seq: it cannot resume")
+        stored = _last_seq(logs)
         await ws.close(1001, "conformance: going away")
-        ws2, init = await self._init(stale=ws)
+        ws2, init, _ = await stage.init(stale=ws)
         _check(init.resume is not None, "the runner reconnected without asking to resume")
         assert init.resume is not None
         _check(
-            init.resume.build == "b-3" and init.resume.session == state["session"],
-            f"resume {init.resume!r}",
+            init.resume.build == "b-1" and init.resume.session == session,
+            f"resume {init.resume!r}, expected build b-1 and session {session}",
         )
         await ws2.send(
             json_frame(
                 "ready",
-                runner="r-conformance-2",
-                protocol=1,
-                session="s2",
-                resume={"build": "b-3", "seq": stored},
+                runner="r-2",
+                protocol=stage.protocol,
+                session="session-2",
+                resume={"build": "b-1", "seq": stored},
             )
         )
-        more, finished = await self._collect("b-3", after=stored)
-        _check(finished is not None and finished.success, "the resumed build did not finish well")
-        seqs = [m.seq for m in more]
-        _check(
-            not seqs or seqs[0] == stored + 1,
-            f"resent from seq {seqs[0] if seqs else None}, expected {stored + 1}",
-        )
-        text = "".join(m.log for m in logs + more)
-        lines = [line for line in text.splitlines() if line.startswith("resume-line-")]
+        more, finished = await stage.collect("b-1", logs, stored=stored)
+        _check(finished is not None and finished.success, "the resumed build did not end well")
+        lines = [line for line in _text(more).splitlines() if line.startswith("resume-line-")]
         _check(lines == [f"resume-line-{i}" for i in range(1, 41)], f"lines after resume: {lines}")
+        again = f", {stage.resent} stored chunks sent again (ignored)" if stage.resent else ""
+        return f"resumed after seq {stored}{again}"
+
+    async def check_acks(self, stage: _Stage) -> str:
+        ws, init, session = await stage.register()
+        if stage.protocol < 2:
+            raise _Skip(f"the runner asked for protocol {init.protocol}: no acknowledgements")
+        script = ["for i in $(seq 1 40); do echo ack-line-$i; sleep 0.05; done"]
+        await ws.send(self.run_frame("b-1", script))
+        logs: list[RunnerLog] = []
+        await self._output_until(stage, "b-1", "ack-line-5\n", logs, chunks=3)
+        _check(all(m.seq is not None for m in logs), "the runner sends no seq")
+        acked = _last_seq(logs)
+        await ws.send(json_frame("ack", build="b-1", seq=acked))
+        await asyncio.sleep(1.0)  # for the runner to read it
+        await ws.close(1001, "conformance: going away")
+        ws2, init, _ = await stage.init(stale=ws)
+        _check(
+            init.resume is not None and init.resume.session == session,
+            f"the runner reconnected without resuming with its session: {init.resume!r}",
+        )
+        # A server never asks for less than it acknowledged; asking for
+        # everything shows what the runner kept.
+        await ws2.send(
+            json_frame(
+                "ready",
+                runner="r-2",
+                protocol=2,
+                session="session-2",
+                resume={"build": "b-1", "seq": 0},
+            )
+        )
+        resent: list[int] = []
+        while True:
+            peer, message, text = await stage.next()
+            if peer is ws:
+                continue
+            _check(message is not None, "the connection closed before the result")
+            if isinstance(message, RunnerFinished):
+                break
+            _check(isinstance(message, RunnerLog), f"unexpected during a build: {text[:200]!r}")
+            if message.seq is not None and message.seq <= acked:
+                resent.append(message.seq)
+        if resent:
+            raise _Fail(
+                f"chunks {resent[0]}..{resent[-1]} resent after the server acknowledged"
+                f" {acked}: a protocol 2 runner forgets acknowledged chunks"
+            )
+        return f"nothing up to the acknowledged seq {acked} kept"
 
 
 def json_frame(command: str, **payload: Any) -> str:

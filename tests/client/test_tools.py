@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -80,7 +81,95 @@ def test_fuzz_json_is_json(server_factory: ServerFactory) -> None:
 def test_conformance_runner_passes_on_citron_runner() -> None:
     result = citron("conformance", "--runner", "--", *runner_argv("")[:-1], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed, 0 failed" in result.stdout
+    assert "10 passed, 0 failed, 0 skipped" in result.stdout
+    assert "protocol          PASS  protocol 2" in result.stdout
+
+
+FAULTY = Path(__file__).with_name("faulty_runner.py")
+
+
+def faulty(fault: str, *checks: str, timeout: str = "3") -> subprocess.CompletedProcess[str]:
+    """``citron conformance --runner`` on citron-runner with ``fault`` injected."""
+    only = [arg for check in checks for arg in ("--check", check)]
+    argv = [sys.executable, str(FAULTY), fault]
+    return citron("conformance", "--runner", "--timeout", timeout, *only, "--", *argv, timeout=180)
+
+
+def row(result: subprocess.CompletedProcess[str], check: str) -> str:
+    return next(line for line in result.stdout.splitlines() if line.startswith(f"  {check} "))
+
+
+@pytest.mark.parametrize(
+    ("fault", "checks", "why"),
+    [
+        ("success", ["failing_script"], "a script with a line that exits 3 reported success"),
+        ("split_secrets", ["secret_masking"], "a secret split across two chunks is in the log"),
+        ("ignore_shutdown", ["shutdown_idle"], "did not close its connection after shutdown"),
+        ("ignore_shutdown", ["shutdown_busy"], 'has no "leave": true'),
+        ("no_protocol", ["protocol"], "init has no protocol"),
+        ("keep_acked", ["acks"], "resent after the server acknowledged"),
+    ],
+)
+def test_conformance_runner_catches_each_broken_rule(
+    fault: str, checks: list[str], why: str
+) -> None:
+    result = faulty(fault, *checks)
+    assert result.returncode == 1, result.stdout + result.stderr
+    for check in checks:
+        assert "FAIL" in row(result, check) and why in row(result, check), result.stdout
+    # The runner's own account comes with the failure.
+    assert "the runner's stderr:" in result.stdout
+    assert "      | " in result.stdout and "INFO citron.runner:" in result.stdout
+
+
+def test_conformance_runner_accepts_a_resend_from_one() -> None:
+    """The protocol lets a resumed runner resend from seq 1 (stored seqs are
+    ignored): such a runner passes every check."""
+    result = faulty("from_one", timeout="10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "9 passed, 0 failed, 1 skipped" in result.stdout
+    assert "stored chunks sent again (ignored)" in row(result, "reconnect_resume")
+    assert "SKIP  the runner asked for protocol 1" in row(result, "acks")
+
+
+def test_conformance_runner_stops_each_runner() -> None:
+    """A runner that ignores SIGTERM is killed after the grace, and each check
+    has its own process: one stuck runner is one failure."""
+    result = citron(
+        "conformance",
+        "--runner",
+        "--timeout",
+        "2",
+        "--check",
+        "init",
+        "--check",
+        "build_and_log",
+        "--",
+        sys.executable,
+        "-c",
+        STUBBORN_RUNNER,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "PASS" in row(result, "init")
+    assert "FAIL" in row(result, "build_and_log")
+    assert "killed" in result.stdout and "stubborn runner up" in result.stdout
+
+
+STUBBORN_RUNNER = """
+import asyncio, signal, sys
+from websockets.asyncio.client import connect
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("stubborn runner up", file=sys.stderr, flush=True)
+
+async def main():
+    async with connect(sys.argv[-1]) as ws:
+        await ws.send('RUNNER:init:{"type": "stubborn", "protocol": 1}')
+        await asyncio.sleep(3600)  # never runs anything
+
+asyncio.run(main())
+"""
 
 
 # -- broken implementations ------------------------------------------------------------
@@ -185,6 +274,8 @@ def test_conformance_runner_fails_on_a_broken_runner(tmp_path: Path) -> None:
     result = citron(
         "conformance",
         "--runner",
+        "--timeout",
+        "3",
         "--cancel-grace",
         "3",
         "--",
@@ -193,13 +284,15 @@ def test_conformance_runner_fails_on_a_broken_runner(tmp_path: Path) -> None:
         timeout=180,
     )
     assert result.returncode == 1
-    line = next(line for line in result.stdout.splitlines() if "build_and_log" in line)
-    assert "FAIL" in line and "output is missing" in line
+    assert "output is missing" in row(result, "build_and_log")
+    assert "FAIL" in row(result, "failing_script")
 
 
 def test_conformance_usage_errors() -> None:
     assert citron("conformance").returncode == 64
     assert citron("conformance", "--runner").returncode == 64
+    unknown = citron("conformance", "--runner", "--check", "nope", "--", "true")
+    assert unknown.returncode == 64 and "no check named 'nope'" in unknown.stderr
     assert citron("runners", "ws://x/ws", "--", "echo").returncode == 64
 
 
