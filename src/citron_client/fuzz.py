@@ -75,6 +75,11 @@ _REPLIES: dict[type[Any], str] = {
     RunnerInit: "ready",
 }
 _PUSHES = frozenset({"log", "state", "runner", "run", "cancel", "shutdown", "ack"})
+#: Sent after a frame that may get no answer (a runner's chunk or result):
+#: a binary frame is answered ``malformed`` in any state and changes nothing,
+#: and a frame that may go unanswered is never answered ``malformed``.
+FENCE = b"\x00citron-fuzz-fence"
+FENCE_ANSWER = "error:malformed"
 
 
 @attrs.frozen
@@ -438,13 +443,21 @@ class _Lane:
         allowed, must = self.expectation(case)
         if not await wire.send(case.frame):
             must = True  # the close that came first is the answer
+        elif not must and await wire.send(FENCE):
+            # A frame that may get no answer is followed by one whose answer
+            # is known (and never the first frame's): whatever comes before
+            # that answer is the first frame's, however late it comes.
+            await self._answer(case, allowed, True, fenced=True)
+            return
         await self._answer(case, allowed, must)
 
-    async def _answer(self, case: Case, allowed: set[str], must: bool) -> None:
+    async def _answer(
+        self, case: Case, allowed: set[str], must: bool, fenced: bool = False
+    ) -> None:
         fuzzer = self.fuzzer
         wire = self.wire
         assert wire is not None
-        wait = fuzzer.timeout if must else 0.05
+        wait = fuzzer.timeout
         while True:
             try:
                 text = await wire.recv_text(wait)
@@ -457,6 +470,11 @@ class _Lane:
                 fuzzer.report.answers["none"] += 1
                 return
             if isinstance(text, Closed):
+                if fenced and text.code == 1008:
+                    # The fence's own error filled the error window: the
+                    # frame had no answer, and the close is documented.
+                    fuzzer.report.answers["none"] += 1
+                    return
                 answer = f"close:{text.code}"
                 fuzzer.report.answers[answer] += 1
                 if text.code not in DOCUMENTED_CLOSES:
@@ -479,6 +497,9 @@ class _Lane:
                 fuzzer.report.queued.append(message.build)
             if isinstance(message, Error):
                 answer = f"error:{message.code}"
+                if fenced and answer == FENCE_ANSWER:  # the fence's: no answer to the frame
+                    fuzzer.report.answers["none"] += 1
+                    return
                 if message.code not in _CODES:
                     fuzzer.violation(case, f"undocumented error code {message.code!r}")
             else:
@@ -487,5 +508,33 @@ class _Lane:
             if answer not in allowed:
                 fuzzer.violation(
                     case, f"answered {answer}, expected {' or '.join(sorted(allowed))}"
+                )
+            if fenced:
+                await self._fence_answer(case)
+            return
+
+    async def _fence_answer(self, case: Case) -> None:
+        """After the frame's answer, the fence's must come next."""
+        wire = self.wire
+        assert wire is not None
+        while True:
+            try:
+                text = await wire.recv_text(self.fuzzer.timeout)
+            except WireTimeout:
+                self.fuzzer.violation(case, f"the binary frame after it got no {FENCE_ANSWER}")
+                return
+            if isinstance(text, Closed):
+                return  # a close answers everything that was in flight
+            try:
+                message = decode_server(text)
+            except ProtocolError as exc:
+                self.fuzzer.violation(case, f"an answer is not a valid frame ({exc})")
+                return
+            if message.COMMAND in _PUSHES:
+                continue
+            answer = f"error:{message.code}" if isinstance(message, Error) else message.COMMAND
+            if answer != FENCE_ANSWER:
+                self.fuzzer.violation(
+                    case, f"two answers: then {answer} (the binary frame after it: {FENCE_ANSWER})"
                 )
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shlex
 import subprocess
@@ -175,48 +176,75 @@ asyncio.run(main())
 # -- broken implementations ------------------------------------------------------------
 
 
-@pytest.fixture
-async def broken_server() -> AsyncIterator[str]:
-    """citron's hub with one bug: it answers WEB:run with queued."""
+@contextlib.asynccontextmanager
+async def hub_server(*, broken: bool = False, late: float = 0.0) -> AsyncIterator[str]:
+    """citron's hub on a bare websockets server, with one bug (``broken``: it
+    answers WEB:run with queued) or slow (``late``: what a runner's
+    ``process`` frame brings, an error say, is sent that many seconds late,
+    and everything after it waits its turn: late, but in order)."""
     hub = Hub(CountingIds())
     store = MemoryStore()
     conns: dict[int, ServerConnection] = {}
+    outboxes: dict[int, asyncio.Queue[tuple[float, str | tuple[int, str]]]] = {}
 
-    async def apply(fx: Effects) -> None:
+    async def deliver(cid: int, ws: ServerConnection) -> None:
+        outbox = outboxes[cid]
+        while True:
+            due, item = await outbox.get()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if isinstance(item, str):
+                await ws.send(item)
+            else:
+                await ws.close(*item)
+
+    async def apply(fx: Effects, delay: float = 0.0) -> None:
         store.apply(fx.records)
+        due = time.monotonic() + delay
         for conn, text in fx.sends:
-            ws = conns.get(conn)  # type: ignore[call-overload]
-            if ws is not None:
-                await ws.send(text)
+            if conn in outboxes:
+                outboxes[conn].put_nowait((due, text))  # type: ignore[index]
         for close in fx.closes:
-            ws = conns.get(close.conn)  # type: ignore[call-overload]
-            if ws is not None:
-                await ws.close(close.code, close.reason)
+            if close.conn in outboxes:
+                outboxes[close.conn].put_nowait((due, (close.code, close.reason)))  # type: ignore[index]
         for load in fx.loads:
             chunks = store.read_log(load.build, load.after, load.until, load.limit)
             await apply(hub.log_loaded(load.request, chunks, time.time()))
+        for find in fx.finds:
+            records = store.find_builds(find)
+            await apply(hub.builds_found(find.request, records, time.time()))
 
     async def handler(ws: ServerConnection) -> None:
         cid = id(ws)
         conns[cid] = ws
+        outboxes[cid] = asyncio.Queue()
+        sender = asyncio.create_task(deliver(cid, ws))
         await apply(hub.connect(cid, list(Role), time.time()))
         try:
             async for text in ws:
-                if isinstance(text, str) and text.startswith("WEB:run:"):
-                    await ws.send('queued:{"build": "b-broken"}')  # the bug
+                if broken and isinstance(text, str) and text.startswith("WEB:run:"):
+                    outboxes[cid].put_nowait((0.0, 'queued:{"build": "b-broken"}'))  # the bug
                 elif isinstance(text, str):
-                    await apply(hub.receive(cid, text, time.time()))
+                    delay = late if text.startswith("RUNNER:process:") else 0.0
+                    await apply(hub.receive(cid, text, time.time()), delay)
                 else:
                     await apply(hub.receive_binary(cid, time.time()))
         except Exception:  # noqa: BLE001 - a closed peer
             pass
         finally:
+            sender.cancel()
             conns.pop(cid, None)
+            outboxes.pop(cid, None)
             await apply(hub.disconnect(cid, time.time()))
 
     async with serve(handler, "127.0.0.1", 0, compression=None, max_size=1024 * 1024) as server:
         port = server.sockets[0].getsockname()[1]
         yield f"ws://127.0.0.1:{port}/ws"
+
+
+@pytest.fixture
+async def broken_server() -> AsyncIterator[str]:
+    async with hub_server(broken=True) as url:
+        yield url
 
 
 async def test_conformance_fails_on_a_broken_server(broken_server: str) -> None:
@@ -309,3 +337,30 @@ def test_tools_fail_in_one_line(args: list[str], code: int, needle: str) -> None
     assert result.returncode == code, (result.stdout, result.stderr)
     assert result.stderr.startswith("citron: error: ") and needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+async def test_fuzz_pairs_late_answers_with_their_frames() -> None:
+    """A server that answers a runner's chunk late, but in order, is right;
+    the fuzzer must pair each answer with its frame (it once gave such an
+    answer to the next frame and reported violations shifted by one)."""
+    async with hub_server(late=0.3) as url:
+        result = await asyncio.to_thread(
+            citron,
+            "fuzz",
+            url,
+            "--frames",
+            "240",
+            "--seed",
+            "5",
+            "--role",
+            "RUNNER",
+            "--connections",
+            "4",
+            "--json",
+            timeout=300,
+        )
+    report = json.loads(result.stdout)
+    assert report["violations"] == [], report["violations"][:3]
+    assert result.returncode == 0
+    # The late answers came: runner chunks before init got not_registered.
+    assert report["answers"].get("error:not_registered", 0) > 20, report["answers"]
