@@ -78,6 +78,8 @@ _PUSHES = frozenset({"log", "state", "runner", "run", "cancel", "shutdown", "ack
 #: Sent after a frame that may get no answer (a runner's chunk or result):
 #: a binary frame is answered ``malformed`` in any state and changes nothing,
 #: and a frame that may go unanswered is never answered ``malformed``.
+#: New connections cancel_queued may open after the server closed one.
+MAX_RECONNECTS = 20
 FENCE = b"\x00citron-fuzz-fence"
 FENCE_ANSWER = "error:malformed"
 
@@ -269,34 +271,45 @@ class Fuzzer:
 
     async def cancel_queued(self) -> None:
         """Cancel the builds the fuzzing queued, so that no runner picks them
-        up later (one that already ended answers bad_state: fine)."""
-        builds = self.report.queued
-        if not builds:
-            return
+        up later (one that already ended answers bad_state: fine). Errors
+        for ended builds may fill a connection's error window: the server
+        then closes it, and the rest go on a new one."""
+        pending = list(self.report.queued)
+        wire: Wire | None = None
+        reconnects = 0
         try:
-            wire = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
-        except ClientError:
-            self.report.left = len(builds)
-            return
-        try:
-            for build in builds:
-                await wire.send(encode(CancelBuild(build=build)))
+            while pending:
+                if wire is None or wire.closed is not None:
+                    if wire is not None:
+                        await wire.close()
+                    if reconnects > MAX_RECONNECTS:
+                        break
+                    reconnects += 1
+                    try:
+                        wire = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
+                    except ClientError:
+                        break
+                if not await wire.send(encode(CancelBuild(build=pending[0]))):
+                    continue  # closed: again on a new connection
                 try:
                     text = await wire.recv_text(self.timeout)
                 except WireTimeout:
+                    pending.pop(0)
                     self.report.left += 1
                     continue
                 if isinstance(text, Closed):
-                    self.report.left += len(builds) - self.report.cancelled
-                    return
+                    continue
                 answer = decode_server(text)
                 if isinstance(answer, Error) and answer.code == ErrorCode.RATE_LIMITED:
-                    await asyncio.sleep(1)  # (a budget of 200 a second)
-                    self.report.left += 1
-                elif not isinstance(answer, Error):
+                    await asyncio.sleep(0.5)  # (a budget of 200 a second): again
+                    continue
+                pending.pop(0)
+                if not isinstance(answer, Error):
                     self.report.cancelled += 1
+            self.report.left += len(pending)
         finally:
-            await wire.close()
+            if wire is not None:
+                await wire.close()
 
     def violation(self, case: Case, problem: str) -> None:
         self.report.violations.append(Violation(case, problem))

@@ -20,6 +20,7 @@ from citron_protocol.hub import CountingIds
 from citron_protocol.records import MemoryStore
 
 from ..conftest import ServerFactory
+from ..peers import ask, peer, submit
 from ..procs import citron, runner_argv
 
 
@@ -364,3 +365,25 @@ async def test_fuzz_pairs_late_answers_with_their_frames() -> None:
     assert result.returncode == 0
     # The late answers came: runner chunks before init got not_registered.
     assert report["answers"].get("error:not_registered", 0) > 20, report["answers"]
+
+
+async def test_fuzz_cancels_its_builds_past_the_error_window(server_factory: ServerFactory) -> None:
+    """150 builds that ended (each cancel answers bad_state, an error: the
+    server closes the connection after 100) and 5 still queued: every queued
+    one is cancelled, none is counted as left."""
+    from citron_client.fuzz import Fuzzer
+
+    server = server_factory()
+    api = await peer(server.url)
+    ended = [await submit(api) for _ in range(150)]
+    for build in ended:
+        assert (await ask(api, f'API:cancel:{{"build": "{build}"}}')).COMMAND == "build"
+    queued = [await submit(api) for _ in range(5)]
+    fuzzer = Fuzzer(server.url)
+    fuzzer.report.queued = ended + queued
+    await fuzzer.cancel_queued()
+    assert (fuzzer.report.cancelled, fuzzer.report.left) == (5, 0)
+    for build in queued:
+        reply = await ask(api, f'API:get_build:{{"build": "{build}"}}')
+        assert reply.build.state == "cancelled"
+    await api.close()
