@@ -3,15 +3,20 @@
 Exit codes:
 
 ====  ==========================================================
-0     done (``submit --wait``: the build succeeded)
-1     ``submit --wait``: the build failed
-2     ``submit --wait``: the build was cancelled or lost
-64    bad usage
+0     done (``submit --wait``, ``logs --follow``: the build succeeded)
+1     ``submit --wait``, ``logs --follow``: the build failed
+2     ``submit --wait``, ``logs --follow``: the build was cancelled or lost
+64    bad usage (a malformed or misplaced URL too)
 65    the server answered ``error:`` (its code is printed)
 69    the server cannot be reached
 75    the connection dropped in the middle
 77    the server refused the token
+130   interrupted (Ctrl-C); a build being followed goes on
+141   the output was closed early (``citron builds | head -1``): quiet
 ====  ==========================================================
+
+The server is the ``--url``/``-u`` option, or the URL before the other
+arguments, else ``$CITRON_URL``, else ``ws://127.0.0.1:8765/ws``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo
 from citron_protocol.codec import as_data
 
 from .api import Client
-from .connection import AuthError, ConnectError, ConnectionLost, RequestError, TrustError
+from .connection import (
+    DEFAULT_URL,
+    AuthError,
+    ConnectError,
+    ConnectionLost,
+    RequestError,
+    TrustError,
+    UrlError,
+    server_urls,
+)
 from .wire import Wire
 
 __all__ = ["main"]
@@ -41,6 +55,10 @@ EXIT_SERVER_ERROR = 65
 EXIT_UNAVAILABLE = 69
 EXIT_LOST = 75
 EXIT_NOPERM = 77
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
+#: Seconds a waiting build may stay queued before ``--wait`` says why.
+QUEUED_HINT_AFTER = 5.0
 
 
 class UsageError(Exception):
@@ -64,6 +82,49 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
     return out
 
 
+def _url_option(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument(
+            "url",
+            nargs="?",
+            help="the server's URL (or --url); several, comma-separated: tried in turn",
+        )
+    p.add_argument(
+        "--url",
+        "-u",
+        dest="url_option",
+        metavar="URL",
+        help=f"the server: ws://HOST:PORT/ws or the dashboard's http://HOST:PORT/"
+        f" (default $CITRON_URL, else {DEFAULT_URL})",
+    )
+
+
+def resolve_urls(args: argparse.Namespace) -> list[str]:
+    """The server's URLs from the command line, ``$CITRON_URL`` or the
+    default; a malformed or misplaced one is a UsageError."""
+    for name in ("build",):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" in value:
+            raise UsageError(
+                f"{value!r} is where the {name} id goes: give the URL first, or with --url"
+            )
+    given = getattr(args, "url", None)
+    if given and args.url_option:
+        raise UsageError("the server URL is given twice: as an argument and with --url")
+    if given:
+        source, text = "", given
+    elif args.url_option:
+        source, text = "--url: ", args.url_option
+    elif os.environ.get("CITRON_URL"):
+        source, text = "$CITRON_URL: ", os.environ["CITRON_URL"]
+    else:
+        source, text = "", DEFAULT_URL
+    try:
+        return server_urls(text)
+    except UrlError as exc:
+        raise UsageError(f"{source}{exc}") from None
+
+
 def _ca_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ca",
@@ -79,11 +140,7 @@ def build_parser() -> _Parser:
 
     def command(name: str, help: str) -> _Parser:
         p: _Parser = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "url",
-            help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws;"
-            " several, comma-separated: tried in turn",
-        )
+        _url_option(p)
         p.add_argument(
             "--token", default=os.environ.get("CITRON_TOKEN"), help="token (or CITRON_TOKEN)"
         )
@@ -111,7 +168,7 @@ def build_parser() -> _Parser:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="follow the log; exit 0/1/2 on success/failure/cancelled",
+        help="follow the log; exit 0/1/2 on success/failure/cancelled or lost",
     )
 
     p = reader("runners", "list runners")
@@ -128,7 +185,12 @@ def build_parser() -> _Parser:
     p.add_argument("build")
     p = reader("logs", "print a build's log")
     p.add_argument("build")
-    p.add_argument("--follow", "-f", action="store_true", help="follow until the build ends")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="follow until the build ends; exit 0/1/2 on success/failure/cancelled or lost",
+    )
     p = command("cancel", "cancel a build")
     p.add_argument("build")
 
@@ -153,7 +215,7 @@ def build_parser() -> _Parser:
         "conformance",
         help="check a server (URL) or a runner (--runner -- COMMAND...) against docs/protocol.md",
     )
-    p.add_argument("url", nargs="?", help="the server's WebSocket URL")
+    _url_option(p)
     p.add_argument("--token", default=os.environ.get("CITRON_TOKEN"))
     tokens(p)
     _ca_option(p)
@@ -272,19 +334,62 @@ def _runner_rows(runners: Sequence[RunnerInfo]) -> list[list[str]]:
 # -- commands -----------------------------------------------------------------------
 
 
-async def _follow(client: Client, build: str, out: Output) -> BuildInfo:
-    final: BuildInfo | None = None
-    async for event in client.follow(build):
-        if isinstance(event, LogChunk):
-            if out.as_json:
-                print(json.dumps({"seq": event.seq, "log": event.log}), flush=True)
+async def _follow(client: Client, build: str, out: Output, *, hint: bool = False) -> BuildInfo:
+    """Print the build's log until it ends; its last state. With ``hint``,
+    say on stderr when it stays queued with no runner that could take it."""
+    latest: list[BuildInfo] = []
+    watcher = asyncio.create_task(_queued_hint(client, build, latest)) if hint else None
+    try:
+        async for event in client.follow(build):
+            if isinstance(event, LogChunk):
+                if out.as_json:
+                    print(json.dumps({"seq": event.seq, "log": event.log}), flush=True)
+                else:
+                    sys.stdout.write(event.log)
+                    sys.stdout.flush()
             else:
-                sys.stdout.write(event.log)
-                sys.stdout.flush()
-        else:
-            final = event.build
-    assert final is not None
-    return final
+                latest.append(event.build)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    assert latest
+    return latest[-1]
+
+
+async def _queued_hint(client: Client, build: str, latest: list[BuildInfo]) -> None:
+    await asyncio.sleep(QUEUED_HINT_AFTER)
+    info = latest[-1] if latest else await client.build(build)
+    if info.state is not BuildState.QUEUED:
+        return
+    why = why_queued(info, await client.runners())
+    if why:
+        print(f"citron: build {build} is still queued: {why}", file=sys.stderr, flush=True)
+
+
+def why_queued(build: BuildInfo, runners: Sequence[RunnerInfo]) -> str | None:
+    """Why no runner takes a queued build (None: one is about to)."""
+    able = [r for r in runners if build.type is None or r.type == build.type]
+    if not runners:
+        return "no runner is connected (start one: citron-runner URL)"
+    if not able:
+        kinds = ", ".join(sorted({r.type for r in runners}))
+        return (
+            f"no connected runner has type {build.type!r} (connected types: {kinds});"
+            f" start one with: citron-runner --type {build.type} URL"
+        )
+    if all(r.build is not None for r in able):
+        return f"the {len(able)} runner(s) that can take it are busy; it waits its turn"
+    return None
+
+
+def _interrupted(build: str, urls: Sequence[str]) -> None:
+    where = "" if list(urls) == [DEFAULT_URL] else f" -u {','.join(urls)}"
+    print(
+        f"\ncitron: stopped following; build {build} goes on on the server."
+        f" To cancel it: citron cancel{where} {build}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _exit_for(state: BuildState) -> int:
@@ -401,13 +506,18 @@ def _known_checks(asked: Sequence[str], names: Sequence[str]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    if args.command == "fuzz":
-        return await _fuzz(args)
-    if args.command == "conformance":
+    if args.command == "conformance" and args.runner:
+        if args.url or args.url_option:
+            raise UsageError("conformance --runner plays the server itself: it takes no URL")
         return await _conformance(args)
+    urls = resolve_urls(args)
+    if args.command in ("fuzz", "conformance"):
+        if len(urls) > 1:
+            raise UsageError(f"{args.command} checks one server: give one URL")
+        args.url = urls[0]
+        return await (_fuzz(args) if args.command == "fuzz" else _conformance(args))
     out = Output(args.json)
     role = Role.WEB if getattr(args, "role", "api") == "web" else Role.API
-    urls = args.url.split(",")
     reconnect = args.command in ("logs", "submit")
     async with Client(urls, token=args.token, role=role, reconnect=reconnect, ca=args.ca) as client:
         if args.command == "submit":
@@ -427,8 +537,14 @@ async def _run(args: argparse.Namespace) -> int:
             if not args.wait:
                 return 0
             print(f"citron: build {build}", file=sys.stderr)
-            final = await _follow(client, build, out)
+            try:
+                final = await _follow(client, build, out, hint=True)
+            except asyncio.CancelledError:
+                _interrupted(build, urls)
+                raise
             print(f"citron: build {build} {final.state.value}", file=sys.stderr)
+            if out.as_json:
+                print(json.dumps(as_data(final)), flush=True)
             return _exit_for(final.state)
         if args.command == "runners" and args.shutdown:
             told = await client.shutdown_runner(args.shutdown)
@@ -464,8 +580,14 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "logs":
             if args.follow:
-                await _follow(client, args.build, out)
-                return 0
+                try:
+                    final = await _follow(client, args.build, out)
+                except asyncio.CancelledError:
+                    _interrupted(args.build, urls)
+                    raise
+                if out.as_json:
+                    print(json.dumps(as_data(final)), flush=True)
+                return _exit_for(final.state)
             info = await client.build(args.build)
             await _print_stored(client, info, out)
             return 0
@@ -508,7 +630,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``| head``): end quietly, and keep Python from
+        # complaining when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 async def _guarded(work: Coroutine[Any, Any, int]) -> int:

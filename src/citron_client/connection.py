@@ -13,6 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 __all__ = [
+    "DEFAULT_URL",
     "AuthError",
     "Backoff",
     "Endpoints",
@@ -21,10 +22,17 @@ __all__ = [
     "ConnectionLost",
     "RequestError",
     "TrustError",
+    "UrlError",
     "open_any",
     "open_connection",
     "tls_context",
+    "server_urls",
+    "websocket_url",
 ]
+
+#: Where the command-line tools look for a server when given no URL.
+DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
 
 
 class ClientError(Exception):
@@ -54,6 +62,43 @@ class RequestError(ClientError):
 
 class TrustError(ClientError):
     """The CA file given to trust (``ca=``, ``--ca``) cannot be used."""
+
+
+class UrlError(ClientError, ValueError):
+    """A server URL that cannot be one (a usage error, not a network one)."""
+
+
+def websocket_url(text: str) -> str:
+    """A server's WebSocket URL from what a person may paste: ``ws://`` and
+    ``wss://`` as they are; ``http://`` and ``https://`` (the dashboard's
+    address) become ``ws://`` and ``wss://``, with the path ``/ws`` when it
+    is empty or ``/``. Raises :class:`UrlError` for anything else."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = text.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        raise UrlError(f"{text!r} is not a server URL ({exc})") from None
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise UrlError(
+            f"{text!r} is not a server URL: expected ws://HOST:PORT/ws"
+            " (or the dashboard's http://HOST:PORT/)"
+        )
+    path = parts.path
+    if parts.scheme.lower() in ("http", "https") and path in ("", "/"):
+        path = "/ws"
+    return urlunsplit((scheme, parts.netloc, path or "/", parts.query, ""))
+
+
+def server_urls(text: str) -> list[str]:
+    """:func:`websocket_url` of each of the comma-separated URLs in ``text``."""
+    urls = [websocket_url(part) for part in text.split(",") if part.strip()]
+    if not urls:
+        raise UrlError("no server URL given")
+    return urls
 
 
 @functools.cache

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .connection import AuthError, ConnectError, TrustError
+from .connection import DEFAULT_URL, AuthError, ConnectError, TrustError, UrlError, server_urls
 from .runner import RunnerHost
 from .simple import SimpleRunner
 
@@ -50,9 +51,17 @@ def build_parser() -> _Parser:
     )
     parser.add_argument(
         "url",
-        nargs="+",
-        help="the server's WebSocket URL, e.g. ws://127.0.0.1:8765/ws; several (separate"
-        " arguments, or comma-separated as for citron): tried in turn",
+        nargs="*",
+        help="the server's URL, e.g. ws://127.0.0.1:8765/ws or the dashboard's"
+        " http://127.0.0.1:8765/; several (separate arguments, or comma-separated as for"
+        " citron): tried in turn",
+    )
+    parser.add_argument(
+        "--url",
+        "-u",
+        dest="url_option",
+        metavar="URL",
+        help=f"the server, as the argument (default $CITRON_URL, else {DEFAULT_URL})",
     )
     parser.add_argument(
         "--ca",
@@ -61,7 +70,11 @@ def build_parser() -> _Parser:
         " besides the system's ($SSL_CERT_FILE)",
     )
     parser.add_argument("--type", default="simple", help="runner type (default simple)")
-    parser.add_argument("--name", help="a name shown to people")
+    parser.add_argument(
+        "--name",
+        default=socket.gethostname(),
+        help="a name shown to people (default: this host's name; with --spawn N, NAME-1 ...)",
+    )
     parser.add_argument(
         "--token", default=os.environ.get("CITRON_TOKEN"), help="RUNNER token (or CITRON_TOKEN)"
     )
@@ -81,7 +94,7 @@ def build_parser() -> _Parser:
 
 async def _serve(args: argparse.Namespace) -> int:
     hosts = []
-    urls = [url for arg in args.url for url in arg.split(",") if url]
+    urls = _urls(args)
     for i in range(args.spawn):
         name = args.name if args.spawn == 1 or not args.name else f"{args.name}-{i + 1}"
         runner = SimpleRunner(type=args.type, name=name, workdir=args.workdir, keep=args.keep)
@@ -119,8 +132,20 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _urls(args: argparse.Namespace) -> list[str]:
+    if args.url and args.url_option:
+        raise UrlError("the server URL is given twice: as an argument and with --url")
+    text = ",".join(args.url) or args.url_option or os.environ.get("CITRON_URL") or DEFAULT_URL
+    return server_urls(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        _urls(args)
+    except UrlError as exc:
+        print(f"citron-runner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

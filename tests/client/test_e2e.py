@@ -266,7 +266,8 @@ def test_cli_errors_are_one_line_with_distinct_codes(server_factory: ServerFacto
     server = server_factory("--api-token", "a", "--web-token", "w")
     cases = [
         (["runners", "ws://127.0.0.1:9/ws"], 69, "cannot connect"),
-        (["runners", "http://nope"], 69, "not a WebSocket URL"),
+        (["runners", "http://127.0.0.1:9/"], 69, "ws://127.0.0.1:9/ws: cannot connect"),
+        (["runners", "nope"], 64, "not a server URL"),
         (["runners", server.url, "--token", "wrong"], 77, "refused the token"),
         (["runners", server.url], 77, "unauthorized"),
         (["show", server.url, "nope", "--token", "a"], 65, "unknown_build"),

@@ -318,7 +318,8 @@ def test_conformance_runner_fails_on_a_broken_runner(tmp_path: Path) -> None:
 
 
 def test_conformance_usage_errors() -> None:
-    assert citron("conformance").returncode == 64
+    assert citron("conformance", "not-a-url").returncode == 64
+    assert citron("conformance", "--runner", "-u", "ws://h/ws", "--", "true").returncode == 64
     assert citron("conformance", "--runner").returncode == 64
     unknown = citron("conformance", "--runner", "--check", "nope", "--", "true")
     assert unknown.returncode == 64 and "no check named 'nope'" in unknown.stderr
