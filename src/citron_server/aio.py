@@ -16,7 +16,7 @@ from .host import unsent_bytes
 from .metrics import CONTENT_TYPE, health
 from .security import Refusal
 from .static import HEADERS, static_file
-from .transport import HANDSHAKE_TIMEOUT, BaseTransport
+from .transport import HANDSHAKE_TIMEOUT, BaseTransport, library_level
 
 __all__ = ["AiohttpTransport"]
 
@@ -229,10 +229,7 @@ class AiohttpTransport(BaseTransport):
 
     async def start(self) -> int:
         self._waiting = {}
-        # aiohttp's loggers never below INFO: nothing they log at DEBUG is
-        # needed, and headers must not reach the log.
-        logger = logging.getLogger("aiohttp")
-        logger.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+        logging.getLogger("aiohttp").setLevel(library_level())
         app = web.Application(middlewares=[self._check_host])
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)

@@ -43,6 +43,7 @@ async def serve(settings: Settings, stop: asyncio.Event, tls: ssl.SSLContext | N
     context of ``settings.tls_cert`` (made from it if not given)."""
     if tls is None:
         tls = _tls(settings)
+    await _can_listen(settings.host, settings.port)  # before the database is touched
     metrics = Metrics()
     hub_config = HubConfig(
         log_cap=settings.log_cap,
@@ -134,6 +135,17 @@ async def serve(settings: Settings, stop: asyncio.Event, tls: ssl.SSLContext | N
     await transport.stop_accepting()
     await host.shutdown()
     await transport.close()
+
+
+async def _can_listen(host: str, port: int) -> None:
+    """Raise OSError now if ``host:port`` cannot be listened on (a port in
+    use, an address not here), so that a server that cannot serve says so
+    before it opens, creates or migrates its database."""
+    if port == 0:
+        return  # any free port: nothing to find out
+    probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+    probe.close()
+    await probe.wait_closed()
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:

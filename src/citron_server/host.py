@@ -39,6 +39,8 @@ from .store import Store, StoreError
 __all__ = ["Connection", "Host", "HostConfig", "Peer", "RandomIds"]
 
 log = logging.getLogger("citron.server")
+#: Close codes of a connection that ended as it should (logged at DEBUG).
+QUIET_CLOSES = frozenset({1000, 1001, 1005, None})
 
 
 class Peer(Protocol):
@@ -393,7 +395,7 @@ class Host:
         self.connections[conn.id] = conn
         asyncio.get_running_loop().call_later(self.config.init_timeout, self._first_frame_due, conn)
         roles = frozenset(roles)
-        log.info("connection %s opened (roles %s)", conn.id, ",".join(sorted(roles)))
+        log.debug("connection %s opened (roles %s)", conn.id, ",".join(sorted(roles)))
         self._hub_connect(conn, roles)
         return conn
 
@@ -488,7 +490,16 @@ class Host:
         self._backlogged.discard(conn)
         for key in [k for k in self._acks if k[0] == conn.id]:
             del self._acks[key]  # (a resume on a new connection learns where it stands)
-        log.info("connection %s closed (role %s, code %s)", conn.id, role or "-", code)
+        # A front or a CLI call comes and goes all day: only a runner's
+        # connection, or an unusual close, is worth a line at INFO.
+        usual = code in QUIET_CLOSES and role != Role.RUNNER
+        log.log(
+            logging.DEBUG if usual else logging.INFO,
+            "connection %s closed (role %s, code %s)",
+            conn.id,
+            role or "-",
+            code,
+        )
         self._hub_disconnect(conn)
 
     # -- carrying out the hub's answer ---------------------------------------------------

@@ -3,6 +3,7 @@ how a WebSocket handshake is admitted, and how long a handshake may take."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Sequence
 
@@ -13,10 +14,19 @@ from .metrics import Metrics
 from .security import FULL, Gate, Refusal
 from .settings import Settings
 
-__all__ = ["HANDSHAKE_TIMEOUT", "BaseTransport"]
+__all__ = ["HANDSHAKE_TIMEOUT", "BaseTransport", "library_level"]
 
 #: Seconds a TCP connection has to complete its TLS and HTTP handshakes.
 HANDSHAKE_TIMEOUT = 10.0
+
+
+def library_level() -> int:
+    """The level of the web libraries' own loggers: WARNING, so that their
+    INFO lines (a line per connection) stay out of the server's log; INFO
+    when the server logs at DEBUG. Never DEBUG: at DEBUG they log frames and
+    headers, which carry build secrets and tokens."""
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    return logging.INFO if debug else logging.WARNING
 
 
 class BaseTransport:

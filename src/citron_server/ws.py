@@ -20,7 +20,7 @@ from .host import unsent_bytes
 from .metrics import CONTENT_TYPE, health
 from .security import Refusal
 from .static import HEADERS, static_file
-from .transport import HANDSHAKE_TIMEOUT, BaseTransport
+from .transport import HANDSHAKE_TIMEOUT, BaseTransport, library_level
 
 __all__ = ["WebsocketsTransport"]
 
@@ -84,7 +84,7 @@ def _response(
 
 def _library_logger() -> logging.Logger:
     logger = logging.getLogger("citron.server.websockets")
-    logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    logger.setLevel(library_level())
     return logger
 
 

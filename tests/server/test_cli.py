@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from ..conftest import ServerFactory
 from ..peers import RawClient
-from ..procs import run_module
+from ..procs import citron, run_module
 
 
 def run(
@@ -93,9 +94,41 @@ def test_a_database_that_is_not_sqlite(tmp_path: Path) -> None:
 
 def test_a_port_in_use(server_factory: ServerFactory, tmp_path: Path) -> None:
     server = server_factory()
-    result = run("--port", str(server.port), "--db", ":memory:", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+    old = tmp_path / "old.db"
+    old.write_bytes((server.workdir / "citron.db").read_bytes())  # schema 2, but say v1:
+    with sqlite3.connect(old) as db:
+        db.execute("PRAGMA user_version = 1")
+    before = old.read_bytes()
+    for db in (tmp_path / "new.db", old):
+        result = run("--port", str(server.port), "--db", str(db), cwd=tmp_path)
+        assert result.returncode == 2
+        assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nothing migrated
+    # Said before the database was touched: none created, none migrated.
+    assert not (tmp_path / "new.db").exists()
+    assert old.read_bytes() == before
+
+
+def test_the_server_log_is_quiet_at_info(server_factory: ServerFactory) -> None:
+    """Clients that come and go (a CLI call, a dashboard tab) leave no line;
+    builds, runners and unusual closes do. At DEBUG, the libraries' own
+    INFO lines come too, never their frames or headers."""
+    server = server_factory()
+    for _ in range(5):
+        assert citron("runners", "-u", server.url).returncode == 0
+    citron("submit", "-u", server.url, "--repo", "r", "--script", "make")
+    server.stop()
+    log = server.log()
+    assert "opened (roles" not in log and "closed (role" not in log, log
+    assert "queued (attempt 1" in log
+    assert "websockets" not in log.lower().replace("transport websockets", "")
+    debug = server_factory("--log-level", "DEBUG", "--api-token", "secret-token-1")
+    assert citron("runners", "-u", debug.url, "--token", "secret-token-1").returncode == 0
+    debug.stop()
+    log = debug.log()
+    assert "connection 1 opened" in log and "closed (role API, code 1000)" in log
+    assert "secret-token-1" not in log
+    assert "get_runners" not in log  # no frames
 
 
 def test_insecure_allows_open_roles_off_loopback(server_factory: ServerFactory) -> None:
