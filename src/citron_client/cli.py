@@ -308,6 +308,7 @@ def _show_build(out: Output, b: BuildInfo) -> None:
         ("state", out.paint(b.state.value, b.state.value)),
         ("repo", b.repo),
         ("ref", b.ref or "-"),
+        ("commit", b.commit or "-"),
         ("type", b.type or "-"),
         ("runner", b.runner or "-"),
         ("attempt", str(b.attempt)),
@@ -315,13 +316,14 @@ def _show_build(out: Output, b: BuildInfo) -> None:
         ("started", b.started or "-"),
         ("finished", b.finished or "-"),
         ("duration", _duration(b)),
+        ("exit code", "-" if b.exit_code is None else str(b.exit_code)),
         (
             "log",
             f"{b.log_seq} chunks, {b.log_bytes} bytes" + (" (truncated)" if b.truncated else ""),
         ),
     ]
     for key, value in facts:
-        print(f"{key + ':':10} {value}")
+        print(f"{key + ':':11} {value}")
     print("script:")
     for line in b.script:
         print(f"  {line}")

@@ -84,6 +84,11 @@ class BuildContext:
         self._room = room
         self._masker = SecretMasker((build.secrets or {}).values())
         self._cancelled = asyncio.Event()
+        #: What was built (a git commit's full id), reported with the result.
+        self.commit: str | None = None
+        #: The exit status of the line that failed (0 on success), reported
+        #: with the result; None when unknown.
+        self.exit_code: int | None = None
 
     def log(self, text: str) -> None:
         """Stream output (secret values become ``***``)."""
@@ -296,7 +301,12 @@ class RunnerHost:
         ctx.close()
         self.builds_run += 1
         with contextlib.suppress(UsageError):
-            self.proto.finish(ok and not ctx.cancelled, leave=self._leave)
+            self.proto.finish(
+                ok and not ctx.cancelled,
+                leave=self._leave,
+                commit=ctx.commit,
+                exit_code=ctx.exit_code,
+            )
             log.info("build %s %s", _name(ctx.build.build), "succeeded" if ok else "failed")
         if self._leave:
             self._close_when_sent = True

@@ -47,6 +47,29 @@ def _split_utf8(text: str, limit: int) -> tuple[str, str]:
     return head, text[len(head) :]
 
 
+async def _head(checkout: str, env: dict[str, str]) -> str | None:
+    """The full id of the commit checked out in ``checkout``; None if git
+    cannot say."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            "rev-parse",
+            "HEAD",
+            cwd=checkout,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+    except OSError:
+        return None
+    commit = out.decode("ascii", "replace").strip()
+    if proc.returncode != 0 or not commit or len(commit) > 64:
+        return None
+    return commit
+
+
 class SimpleRunner(Runner):
     """Runs builds as the original ci-tron runner does, in a shell."""
 
@@ -80,13 +103,20 @@ class SimpleRunner(Runner):
                 steps.append(
                     (f"$ git checkout {build.ref}", ["git", "checkout", "-q", build.ref], checkout)
                 )
+            checked_out = len(steps)  # the steps that fetch the source come first
             steps += [(f"$ {line}", ["bash", "-c", line], checkout) for line in build.script]
-            for echo, argv, cwd in steps:
+            for i, (echo, argv, cwd) in enumerate(steps):
+                if i == checked_out:
+                    ctx.commit = await _head(checkout, env)
                 ctx.log(echo + "\n")
                 code = await self._step(argv, cwd, env, ctx, deadline, groups)
                 if code != 0:
+                    ctx.exit_code = code
                     ctx.log(f"[citron-runner] exited with code {code}\n")
                     return False
+            if ctx.commit is None:  # (an empty script)
+                ctx.commit = await _head(checkout, env)
+            ctx.exit_code = 0
             return True
         except _Stop as stop:
             ctx.log(f"\n[citron-runner] {stop.why}\n")

@@ -102,6 +102,8 @@ class Build:
             log_seq=self.log_seq,
             log_bytes=self.log_bytes,
             truncated=r.truncated,
+            commit=r.commit,
+            exit_code=r.exit_code,
         )
 
 

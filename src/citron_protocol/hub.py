@@ -1296,7 +1296,12 @@ class Hub:
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)
         self._ack(c, build)  # the result
-        self._transition(build, BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL)
+        self._transition(
+            build,
+            BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL,
+            commit=msg.commit,
+            exit_code=msg.exit_code,
+        )
         self._release(runner, dispatch=not msg.leave)
         if msg.leave:
             self._runner_leaves(runner, unregistered=True)

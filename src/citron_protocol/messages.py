@@ -228,6 +228,15 @@ def _opt_count(minimum: int) -> Any:
     return opt
 
 
+def _opt_exit_code(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _check_type(a.name, value, int, "an integer")
+    assert isinstance(value, int)
+    if not -(2**31) <= value < 2**31:
+        raise FieldError(a.name, "must be a 32-bit integer")
+
+
 def _opt_duration(_: object, a: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
@@ -398,6 +407,8 @@ class BuildInfo:
     log_seq: int = attrs.field(default=0, validator=_count(0))
     log_bytes: int = attrs.field(default=0, validator=_count(0))
     truncated: bool = attrs.field(default=False, validator=_boolean)
+    commit: str | None = attrs.field(default=None, validator=_opt_short_text)
+    exit_code: int | None = attrs.field(default=None, validator=_opt_exit_code)
 
 
 # -- client messages: RUNNER ------------------------------------------------------
@@ -455,7 +466,10 @@ class RunnerLog(_RunnerLogSlots):
 @attrs.frozen(kw_only=True)
 class RunnerFinished:
     """``RUNNER:process`` with ``finished: true``: the current build ended.
-    With ``leave``, the runner also leaves: it is given no other build."""
+    With ``leave``, the runner also leaves: it is given no other build.
+    ``commit`` is what was built (a git commit's full id), ``exit_code`` the
+    exit status of the line that failed (0 on success); either may be
+    unknown (None)."""
 
     COMMAND: ClassVar[str] = "process"
     ROLES: ClassVar[frozenset[Role]] = _RUNNER
@@ -463,6 +477,8 @@ class RunnerFinished:
     success: bool = attrs.field(validator=_boolean)
     build: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
     leave: bool = attrs.field(default=False, validator=_boolean)
+    commit: str | None = attrs.field(default=None, validator=_opt_short_text)
+    exit_code: int | None = attrs.field(default=None, validator=_opt_exit_code)
 
     @property
     def role(self) -> Role:

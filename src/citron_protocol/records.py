@@ -67,6 +67,8 @@ class BuildRecord:
     session_hash: str | None = None
     secret_names: tuple[str, ...] = ()
     revision: int = 0
+    commit: str | None = None
+    exit_code: int | None = None
 
 
 class _LogRecordSlots:

@@ -153,6 +153,7 @@ class RunnerProtocol:
         self._held = 0  # UTF-8 bytes in _chunks
         self.acks = False  # the server acknowledges (protocol 2)
         self._finished: bool | None = None  # the result, once finish() was called
+        self._result: tuple[str | None, int | None] = (None, None)  # its commit, exit code
         self._leave = False
         self._shutdown = False  # shutdown: came: leave once the build is reported
         self._sent = 0  # chunks sent on this connection
@@ -315,13 +316,24 @@ class RunnerProtocol:
         self._held += utf8_size(text)
         self._flush()
 
-    def finish(self, success: bool, leave: bool = False) -> None:
+    def finish(
+        self,
+        success: bool,
+        leave: bool = False,
+        *,
+        commit: str | None = None,
+        exit_code: int | None = None,
+    ) -> None:
         """The current build ended. With ``leave``, the server gives this runner
-        no other build: the host closes the connection once it is sent."""
+        no other build: the host closes the connection once it is sent.
+        ``commit`` (what was built) and ``exit_code`` (of the line that
+        failed, 0 on success) go with the result when known; a seed-only
+        server's build gets the seed's result frame, without them."""
         if self.build is None:
             raise UsageError("finish() with no build running")
         self._go(PhaseEvent.FINISH)
         self._finished = bool(success)
+        self._result = (commit, exit_code)
         self._leave = bool(leave) or self._shutdown
         self._flush()
         if self._shutdown and self.phase is RunnerPhase.WAITING:
@@ -341,8 +353,17 @@ class RunnerProtocol:
             self._out.append(encode(RunnerLog(log=text, build=build, seq=seq)))
             self._sent = seq
         if self._finished is not None and not self._finish_sent:
+            commit, exit_code = self._result if build is not None else (None, None)
             self._out.append(
-                encode(RunnerFinished(success=self._finished, build=build, leave=self._leave))
+                encode(
+                    RunnerFinished(
+                        success=self._finished,
+                        build=build,
+                        leave=self._leave,
+                        commit=commit,
+                        exit_code=exit_code,
+                    )
+                )
             )
             self._finish_sent = True
 

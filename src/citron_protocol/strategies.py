@@ -132,6 +132,8 @@ _build_infos = st.builds(
     log_seq=_counts,
     log_bytes=_counts,
     truncated=st.booleans(),
+    commit=st.none() | texts(max_size=40),
+    exit_code=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
 )
 
 #: One strategy of valid messages per message class.
@@ -145,7 +147,12 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
     ),
     RunnerLog: st.builds(RunnerLog, log=_log, build=_opt_names, seq=st.none() | _seqs),
     RunnerFinished: st.builds(
-        RunnerFinished, success=st.booleans(), build=_opt_names, leave=st.booleans()
+        RunnerFinished,
+        success=st.booleans(),
+        build=_opt_names,
+        leave=st.booleans(),
+        commit=st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
+        exit_code=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
     ),
     RunnerUnregister: st.just(RunnerUnregister()),
     SubmitBuild: st.builds(

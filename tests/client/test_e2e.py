@@ -438,3 +438,38 @@ def test_runners_shutdown_lets_a_running_runner_end_its_build_then_go(
     assert json.loads(citron("runners", server.url, "--json").stdout) == []
     unknown = citron("runners", server.url, "--shutdown", "r-nope")
     assert unknown.returncode == 65 and "unknown_runner" in unknown.stderr
+
+
+def test_builds_record_the_commit_and_the_exit_code(
+    server: ServerProc, spawn: Spawn, git_repo: Path
+) -> None:
+    """From a real git repository: the commit citron-runner checked out, the
+    exit code of the line that failed; kept in the store (read back after a
+    restart, when the server no longer holds them in memory)."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    passing = submit(server.url, git_repo, "bash build.sh")
+    failing = submit(server.url, git_repo, "echo one", "exit 3", "echo never")
+    ended = ("success", "failure", "cancelled", "lost")
+    shown = eventually(state_is(server, failing, *ended), "the failing build ended")
+    assert (shown["state"], shown["commit"], shown["exit_code"]) == ("failure", head, 3)
+    shown = eventually(state_is(server, passing, *ended), "the passing build ended")
+    assert (shown["state"], shown["commit"], shown["exit_code"]) == ("success", head, 0)
+    text = citron("show", server.url, failing).stdout
+    assert f"commit:     {head}" in text and "exit code:  3" in text
+    server.kill9()
+    server.restart()
+    again = show(server.url, failing)
+    assert (again["commit"], again["exit_code"]) == (head, 3)
+
+
+def test_a_runner_is_named_after_its_host_by_default(server: ServerProc, spawn: Spawn) -> None:
+    import socket
+
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    (shown,) = json.loads(citron("runners", server.url, "--json").stdout)
+    assert shown["name"] == socket.gethostname()

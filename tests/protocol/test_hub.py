@@ -1247,3 +1247,26 @@ def test_protocol_1_and_0_runners_get_no_acks(h: Harness) -> None:
         fx = h.hub.receive(r, 'RUNNER:process:{"finished": true, "success": true}', h.now)
         assert fx.acks == []
         h.apply(fx)
+
+
+def test_a_result_records_the_commit_and_the_exit_code(h: Harness) -> None:
+    r = h.runner()
+    api = h.connect([Role.API])
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    build = h.submit(api)
+    h.recv(r)
+    h.send(
+        r,
+        f'RUNNER:process:{{"finished": true, "success": false, "commit": "{sha}", "exit_code": 3}}',
+    )
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{build}"}}')
+    assert (reply.build.commit, reply.build.exit_code) == (sha, 3)
+    assert (h.store.builds[build].commit, h.store.builds[build].exit_code) == (sha, 3)
+    plain = h.submit(api)  # a runner that says neither: both unknown
+    h.recv(r)
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{plain}"}}')
+    assert (reply.build.commit, reply.build.exit_code) == (None, None)
+    for bad in ('"exit_code": "3"', '"exit_code": true', '"commit": 7', '"exit_code": 4294967296'):
+        (error,) = h.send(r, f'RUNNER:process:{{"finished": true, "success": true, {bad}}}')
+        assert error.code == "invalid_payload", bad

@@ -442,10 +442,13 @@ class BuildView {
 
   show(b) {
     const rows = [
-      ["State", badge(b.state)], ["Repository", b.repo], ["Ref", b.ref ?? "-"], ["Type", b.type ?? "-"],
+      ["State", badge(b.state)], ["Repository", b.repo], ["Ref", b.ref ?? "-"],
+      ["Commit", b.commit ? el("code", { title: b.commit }, b.commit) : "-"], ["Type", b.type ?? "-"],
       ["Runner", b.runner ?? "-"], ["Attempt", b.attempt], ["Created", time(b.created)],
       ["Started", time(b.started)], ["Finished", time(b.finished)], ["Duration", duration(b)],
-      ["Script", b.script.join("\n")], ["Log", `${b.log_seq} chunks, ${b.log_bytes} bytes${b.truncated ? " (truncated)" : ""}`],
+      ["Exit code", b.exit_code ?? "-"],
+      ["Script", el("ol", { class: "script" }, ...b.script.map((line) => el("li", {}, el("code", {}, line))))],
+      ["Log", `${b.log_seq} chunks, ${b.log_bytes} bytes${b.truncated ? " (truncated)" : ""}`],
     ];
     this.facts.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-fact": k.toLowerCase() }, v)]));
   }
@@ -466,11 +469,13 @@ function route() {
     view = new BuildView(conn, main, parts[1], Number.isFinite(line) ? line : null);
   } else if (parts[0] === "builds") {
     view = new BuildsView(conn, main);
-  } else {
+  } else if (parts[0] === "runners") {
     view = new RunnersView(conn, main);
+  } else {
+    view = new BuildsView(conn, main); // the default: what a CI's users come for
   }
   for (const link of document.querySelectorAll("nav a")) {
-    link.classList.toggle("active", link.dataset.view === (parts[0] || "runners"));
+    link.classList.toggle("active", link.dataset.view === (parts[0] === "runners" ? "runners" : "builds"));
   }
   if (conn.open) view.load().catch(showError);
 }
