@@ -5,7 +5,8 @@ Exit codes:
 ====  ==========================================================
 0     done (``submit --wait``, ``logs --follow``: the build succeeded)
 1     ``submit --wait``, ``logs --follow``: the build failed
-2     ``submit --wait``, ``logs --follow``: the build was cancelled or lost
+2     ``submit --wait``, ``logs --follow``: the build was cancelled or lost;
+      or, before anything is sent, a feature whose extra is not installed
 64    bad usage (a malformed or misplaced URL too)
 65    the server answered ``error:`` (its code is printed)
 69    the server cannot be reached
@@ -31,6 +32,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
 
 from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo
+from citron_protocol._extras import MissingExtra, need
 from citron_protocol.codec import as_data
 
 from .api import Client
@@ -50,6 +52,7 @@ __all__ = ["main"]
 
 EXIT_FAILED = 1
 EXIT_CANCELLED = 2
+EXIT_MISSING_EXTRA = 2  # (before any build: a feature whose extra is not installed)
 EXIT_USAGE = 64
 EXIT_SERVER_ERROR = 65
 EXIT_UNAVAILABLE = 69
@@ -420,6 +423,7 @@ async def _reachable(url: str, token: str | None, ca: str | None) -> None:
 async def _fuzz(args: argparse.Namespace) -> int:
     import random
 
+    need("hypothesis", "fuzz", "citron fuzz")
     from .fuzz import Fuzzer
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -646,6 +650,8 @@ async def _guarded(work: Coroutine[Any, Any, int]) -> int:
         return await work
     except (UsageError, TrustError) as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except MissingExtra as exc:
+        return _fail(EXIT_MISSING_EXTRA, str(exc))
     except AuthError as exc:
         return _fail(EXIT_NOPERM, str(exc))
     except ConnectError as exc:

@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import strategies as st
+from ._extras import MissingExtra
+
+try:
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - without the fuzz extra
+    raise MissingExtra(
+        "citron_protocol.strategies needs the fuzz extra (hypothesis is not installed):"
+        " pip install 'citron[fuzz]'"
+    ) from None
 
 from .codec import CLIENT_COMMANDS, encode
 from .messages import (

@@ -127,6 +127,12 @@ def _engine(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected sqlite or a Redis URL (redis://HOST:PORT/DB), got {redacted(text)!r}"
         )
+    from citron_protocol._extras import MissingExtra, need
+
+    try:
+        need("redis", "redis", "a Redis engine")
+    except MissingExtra as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     from redis.connection import parse_url
 
     try:
@@ -343,6 +349,13 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         raise ConfigError("--tls-cert and --tls-key go together")
     if settings.engine == "sqlite" and settings.log_retention is not None:
         raise ConfigError("--log-retention needs --engine redis://...")
+    if settings.transport == "aiohttp":
+        from citron_protocol._extras import MissingExtra, need
+
+        try:
+            need("aiohttp", "aiohttp", "--transport aiohttp")
+        except MissingExtra as exc:
+            raise ConfigError(str(exc)) from None
     open_roles = [
         role
         for role, token in (

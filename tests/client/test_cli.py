@@ -133,6 +133,8 @@ async def test_wait_says_why_a_build_stays_queued(server: ServerProc) -> None:
         *("--repo", "r", "--script", "make", "--type", "gpu", "--wait"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # As in a terminal: a test run in the background inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
