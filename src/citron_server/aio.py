@@ -16,7 +16,17 @@ from .host import unsent_bytes
 from .metrics import CONTENT_TYPE, health
 from .security import Refusal
 from .static import HEADERS, static_file
-from .transport import HANDSHAKE_TIMEOUT, BaseTransport, library_level
+from .store import StoreError
+from .transport import (
+    HANDSHAKE_TIMEOUT,
+    RAW_LOG_HEADERS,
+    RAW_LOG_SEND_TIMEOUT,
+    BaseTransport,
+    library_level,
+    raw_log_build,
+)
+
+log = logging.getLogger("citron.server")
 
 __all__ = ["AiohttpTransport"]
 
@@ -234,6 +244,7 @@ class AiohttpTransport(BaseTransport):
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/builds/{build}/log", self._raw_log)
         for path in ("/", "/index.html", "/static/app.js", "/static/style.css"):
             app.router.add_get(path, self._static)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -271,6 +282,33 @@ class AiohttpTransport(BaseTransport):
         if refused is not None:
             return _refused(refused)
         return await handler(request)
+
+    async def _raw_log(self, request: web.Request) -> web.StreamResponse:
+        """GET /builds/ID/log, streamed a page at a time: a reader that
+        stops reading holds one page, and is cut off after
+        RAW_LOG_SEND_TIMEOUT."""
+        build = raw_log_build(request.rel_url.raw_path)
+        assert build is not None
+        size = await self.raw_log_size(
+            build,
+            authorization=request.headers.getall("Authorization", []),
+            query_token=request.query.getall("token", []),
+        )
+        if isinstance(size, Refusal):
+            return _refused(size)
+        response = web.StreamResponse(headers=RAW_LOG_HEADERS)
+        await response.prepare(request)
+        try:
+            async for page in self.host.log_pages(build):
+                async with asyncio.timeout(RAW_LOG_SEND_TIMEOUT):
+                    await response.write(page.encode("utf-8", "surrogatepass"))
+        except (StoreError, TimeoutError) as exc:
+            log.warning("GET /builds/%s/log cut short: %s", build, exc or "the reader stalled")
+            if request.transport is not None:
+                request.transport.abort()  # the reader sees a short, failed response
+            return response
+        await response.write_eof()
+        return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
         body = health(self.host)

@@ -23,7 +23,7 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 import attrs
@@ -31,7 +31,7 @@ import attrs
 from citron_protocol import Effects, Hub, HubConfig, Role
 from citron_protocol.codec import frame_head
 from citron_protocol.hub import CloseCode
-from citron_protocol.messages import utf8_size
+from citron_protocol.messages import MAX_INT, utf8_size
 from citron_protocol.records import BuildRecord, FindBuilds, LoadLog
 
 from .store import Store, StoreError
@@ -39,6 +39,8 @@ from .store import Store, StoreError
 __all__ = ["Connection", "Host", "HostConfig", "Peer", "RandomIds"]
 
 log = logging.getLogger("citron.server")
+#: Text read from the store at once for GET /builds/ID/log.
+RAW_LOG_PAGE = 1024 * 1024
 #: Close codes of a connection that ended as it should (logged at DEBUG).
 QUIET_CLOSES = frozenset({1000, 1001, 1005, None})
 
@@ -286,6 +288,27 @@ class Host:
     @staticmethod
     def now() -> float:
         return time.time()
+
+    # -- the raw log (GET /builds/ID/log) ---------------------------------------------
+
+    async def log_size(self, build_id: str) -> int | None:
+        """The UTF-8 size of a build's stored log, or None for no such build
+        (StoreError if the store cannot say)."""
+        info = self.hub.build(build_id)
+        if info is not None:
+            return info.log_bytes
+        records = await self.store.find_builds(FindBuilds(request=0, conn=None, build=build_id))
+        return records[0].log_bytes if records else None
+
+    async def log_pages(self, build_id: str) -> AsyncIterator[str]:
+        """A build's stored log, in order, a page (about 1 MiB) at a time."""
+        after = 0
+        while True:
+            chunks = await self.store.read_log(build_id, after, MAX_INT, 100_000, RAW_LOG_PAGE)
+            if not chunks:
+                return
+            yield "".join(text for _, text in chunks)
+            after = chunks[-1][0]
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -4,8 +4,10 @@ how a WebSocket handshake is admitted, and how long a handshake may take."""
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 from citron_protocol import Role
 
@@ -13,11 +15,39 @@ from .host import Host
 from .metrics import Metrics
 from .security import FULL, Gate, Refusal
 from .settings import Settings
+from .store import StoreError
 
-__all__ = ["HANDSHAKE_TIMEOUT", "BaseTransport", "library_level"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "RAW_LOG_HEADERS",
+    "RAW_LOG_SEND_TIMEOUT",
+    "BaseTransport",
+    "library_level",
+    "raw_log_build",
+]
 
 #: Seconds a TCP connection has to complete its TLS and HTTP handshakes.
 HANDSHAKE_TIMEOUT = 10.0
+
+
+#: Headers of GET /builds/ID/log: text for people and curl, never sniffed
+#: as HTML (a log is whatever a build printed), never cached.
+RAW_LOG_HEADERS = {
+    "Content-Type": "text/plain; charset=utf-8",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+#: Seconds a reader of GET /builds/ID/log has to take the log (or each
+#: page of it): a reader that stops reading is cut off, and what was held
+#: for it let go.
+RAW_LOG_SEND_TIMEOUT = 60.0
+_RAW_LOG = re.compile(r"/builds/([^/]+)/log")
+
+
+def raw_log_build(path: str) -> str | None:
+    """The build id of a ``/builds/ID/log`` path, or None for another path."""
+    found = _RAW_LOG.fullmatch(path)
+    return unquote(found.group(1)) if found else None
 
 
 def library_level() -> int:
@@ -60,3 +90,23 @@ class BaseTransport:
         if isinstance(roles, Refusal):
             return roles
         return FULL if self.host.full else roles
+
+    async def raw_log_size(
+        self, build: str, *, authorization: Sequence[str], query_token: Sequence[str]
+    ) -> int | Refusal:
+        """May this request read ``build``'s raw log (a WEB or API token, as
+        for the WebSocket), and how large is it? The refusal otherwise: 401,
+        403, 404 for no such build, 503 when the store cannot say."""
+        roles = self.gate.credentials(authorization, query_token)
+        if isinstance(roles, Refusal):
+            return roles
+        if not roles & {Role.WEB, Role.API}:
+            return Refusal(403, "forbidden: this token may not read builds")
+        try:
+            size = await self.host.log_size(build)
+        except StoreError as exc:
+            logging.getLogger("citron.server").error("reading build %s failed: %s", build, exc)
+            return Refusal(503, "unavailable: the store cannot be read now, try again later")
+        if size is None:
+            return Refusal(404, f"not found: no build {build!r}")
+        return size

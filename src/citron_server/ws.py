@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import weakref
@@ -20,7 +21,19 @@ from .host import unsent_bytes
 from .metrics import CONTENT_TYPE, health
 from .security import Refusal
 from .static import HEADERS, static_file
-from .transport import HANDSHAKE_TIMEOUT, BaseTransport, library_level
+from .store import StoreError
+from .transport import (
+    HANDSHAKE_TIMEOUT,
+    RAW_LOG_HEADERS,
+    RAW_LOG_SEND_TIMEOUT,
+    BaseTransport,
+    library_level,
+    raw_log_build,
+)
+
+#: Bytes of raw logs (GET /builds/ID/log) held at once for their readers
+#: (at least twice --log-cap, so that any one log can be served).
+RAW_LOG_BUDGET = 128 * 1024 * 1024
 
 __all__ = ["WebsocketsTransport"]
 
@@ -89,7 +102,8 @@ def _library_logger() -> logging.Logger:
 
 
 class WebsocketsTransport(BaseTransport):
-    """Serves ``/ws``, ``/healthz`` and ``/metrics`` with websockets."""
+    """Serves ``/ws``, ``/healthz``, ``/metrics``, the dashboard and
+    ``/builds/ID/log`` with websockets."""
 
     _server: Server | None = None
     # The roles of each accepted handshake, until its handler takes them.
@@ -99,6 +113,8 @@ class WebsocketsTransport(BaseTransport):
 
     async def start(self) -> int:
         self._roles = weakref.WeakKeyDictionary()
+        self._raw_held = 0  # bytes of raw logs handed to websockets, not yet taken
+        self._raw_tasks: set[asyncio.Task[None]] = set()
         s = self.settings
         self._server = await serve(
             self._handler,
@@ -134,13 +150,18 @@ class WebsocketsTransport(BaseTransport):
             self._server.close()
             await self._server.wait_closed()
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         url = urlsplit(request.path)
         headers = request.headers
         host = headers.get_all("Host")
         refused = self.gate.host(host)
         if refused is not None:
             return _refused(refused)
+        build = raw_log_build(url.path)
+        if build is not None and "Upgrade" not in headers:
+            return await self._raw_log(connection, build, headers, url.query)
         if url.path == "/healthz":
             body = health(self.host)
             status = 200 if body["status"] == "ok" else 503
@@ -165,6 +186,49 @@ class WebsocketsTransport(BaseTransport):
             return _refused(roles)
         self._roles[connection] = roles
         return None
+
+    async def _raw_log(
+        self, connection: ServerConnection, build: str, headers: Headers, query: str
+    ) -> Response:
+        """GET /builds/ID/log. websockets sends a response whole, so the log
+        is held in memory until the reader has taken it: the bytes so held
+        are bounded (``_raw_budget``), and a reader that does not take them
+        within RAW_LOG_SEND_TIMEOUT is cut off."""
+        size = await self.raw_log_size(
+            build,
+            authorization=headers.get_all("Authorization"),
+            query_token=parse_qs(query, keep_blank_values=True).get("token", []),
+        )
+        if isinstance(size, Refusal):
+            return _refused(size)
+        budget = max(RAW_LOG_BUDGET, 2 * self.settings.log_cap)
+        if self._raw_held + size > budget:
+            return _response(
+                503,
+                b"busy: other raw logs are being sent, try again in a few seconds\n",
+                "text/plain; charset=utf-8",
+                {"Retry-After": "5"},
+            )
+        self._raw_held += size
+        try:
+            pages = [page async for page in self.host.log_pages(build)]
+        except StoreError:
+            self._raw_held -= size
+            return _refused(Refusal(503, "unavailable: the store cannot be read now"))
+        task = asyncio.create_task(self._release_raw(connection, size))
+        self._raw_tasks.add(task)
+        task.add_done_callback(self._raw_tasks.discard)
+        body = "".join(pages).encode("utf-8", "surrogatepass")
+        extra = {k: v for k, v in RAW_LOG_HEADERS.items() if k != "Content-Type"}
+        return _response(200, body, RAW_LOG_HEADERS["Content-Type"], extra)
+
+    async def _release_raw(self, connection: ServerConnection, size: int) -> None:
+        try:
+            await asyncio.wait_for(connection.wait_closed(), RAW_LOG_SEND_TIMEOUT)
+        except TimeoutError:
+            connection.transport.abort()  # a reader that does not read
+        finally:
+            self._raw_held -= size
 
     async def _handler(self, ws: ServerConnection) -> None:
         roles = self._roles.pop(ws, frozenset())

@@ -36,7 +36,9 @@ class RedisServer:
         if binary is None:
             if os.environ.get("CI"):
                 raise RuntimeError("CI must install Debian's redis-server (see .ci/run)")
-            pytest.skip("needs Debian's redis-server: apt-get install redis-server")
+            pytest.skip(
+                "the cluster tests start Debian's redis-server: apt-get install redis-server"
+            )
         self.binary, self.workdir = binary, workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()

@@ -36,9 +36,15 @@ SCREENSHOTS = ROOT / "build" / "screenshots"
 if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must install Debian's chromium (see .ci/run)")
-    pytest.skip("needs Debian's chromium: apt-get install chromium", allow_module_level=True)
+    pytest.skip(
+        "the dashboard's browser tests drive Debian's Chromium: apt-get install chromium",
+        allow_module_level=True,
+    )
 
-playwright = pytest.importorskip("playwright.async_api")
+playwright = pytest.importorskip(
+    "playwright.async_api",
+    reason="the dashboard's browser tests need Playwright: pip install -e '.[test]'",
+)
 
 
 class Page:

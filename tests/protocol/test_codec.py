@@ -294,7 +294,11 @@ def test_non_json_constants_are_refused() -> None:
 
 def test_vector_copy_matches_shared() -> None:
     if not SHARED_VECTORS.exists():
-        pytest.skip("no shared/ checkout beside the project")
+        pytest.skip(
+            "the check that tests/vectors/ is an exact copy of the PHP runner's frames"
+            " needs the vectors' source, ../shared/vectors/ beside this clone (the copy"
+            " in tests/vectors/ is tested anyway)"
+        )
     assert VECTORS.read_bytes() == SHARED_VECTORS.read_bytes()
 
 

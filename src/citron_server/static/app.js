@@ -417,7 +417,14 @@ class BuildView {
     this.seq = 0; // the last chunk shown: a resubscription starts after it
     this.facts = el("dl", { class: "facts", id: "facts" });
     this.log = new LogView(id, line);
-    main.append(el("h1", {}, "Build ", el("span", { id: "build-id" }, id)), this.facts, this.log.box, this.log.follow);
+    const raw = `/builds/${encodeURIComponent(id)}/log${token ? `?token=${encodeURIComponent(token)}` : ""}`;
+    main.append(
+      el("h1", {}, "Build ", el("span", { id: "build-id" }, id)),
+      this.facts,
+      el("p", { class: "actions" }, el("a", { id: "raw-log", href: raw, target: "_blank", rel: "noopener" }, "Raw log")),
+      this.log.box,
+      this.log.follow,
+    );
   }
 
   async load() {
