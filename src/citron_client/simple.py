@@ -47,6 +47,14 @@ def _split_utf8(text: str, limit: int) -> tuple[str, str]:
     return head, text[len(head) :]
 
 
+def section(title: str) -> str:
+    """The log line that starts a section titled ``title`` (one line: a
+    multi-line script line is named by its first line), as docs/protocol.md
+    "Log sections" has it; the dashboard folds the log by them."""
+    first, _, rest = title.partition("\n")
+    return f"::group::{first}{' …' if rest else ''}\n"
+
+
 async def _head(checkout: str, env: dict[str, str]) -> str | None:
     """The full id of the commit checked out in ``checkout``; None if git
     cannot say."""
@@ -108,7 +116,7 @@ class SimpleRunner(Runner):
             for i, (echo, argv, cwd) in enumerate(steps):
                 if i == checked_out:
                     ctx.commit = await _head(checkout, env)
-                ctx.log(echo + "\n")
+                ctx.log(section(echo))
                 code = await self._step(argv, cwd, env, ctx, deadline, groups)
                 if code != 0:
                     ctx.exit_code = code

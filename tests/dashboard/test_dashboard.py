@@ -8,6 +8,7 @@ import functools
 import http.server
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -184,16 +185,17 @@ async def test_a_long_log_stays_responsive(
     build = await submit(server, git_repo, "seq 1 100000")
     page = await open_page(browser, http_base(server) + f"#/builds/{build}")
     await page.page.locator('[data-fact="state"] .badge.success').wait_for()
-    # "$ git clone", "Cloning into", "done.", "$ seq 1 100000", then 1 to 100000.
-    last = page.page.locator('#log .line[data-line="100004"]')
+    # Section "$ git clone": "Cloning into", "done."; section "$ seq 1 100000":
+    # 1 to 100000 (the sections' headers are not numbered lines).
+    last = page.page.locator('#log .line[data-line="100002"]')
     await last.wait_for(timeout=60_000)
-    assert dict(await log_lines(page))[100004] == "100000"
+    assert dict(await log_lines(page))[100002] == "100000"
     rendered = await page.page.locator("#log .line").count()
     assert rendered < 200  # only the lines in view are in the page
-    await page.page.goto(http_base(server) + f"#/builds/{build}/50004")
-    target = page.page.locator('#log .line.target[data-line="50004"]')
+    await page.page.goto(http_base(server) + f"#/builds/{build}/50002")
+    target = page.page.locator('#log .line.target[data-line="50002"]')
     await target.wait_for(timeout=60_000)
-    assert dict(await log_lines(page))[50004] == "50000"
+    assert dict(await log_lines(page))[50002] == "50000"
     assert page.errors == []
 
 
@@ -308,3 +310,102 @@ async def test_a_rebound_host_name_gets_403(server: ServerProc) -> None:
             assert api == "close 1006"
         finally:
             await instance.close()
+
+
+async def test_builds_is_the_default_with_loading_empty_and_error_states(
+    server: ServerProc, browser: Any
+) -> None:
+    # Loading: a server that accepts the WebSocket and answers nothing yet.
+    silent = Page(await browser.new_page(viewport={"width": 1280, "height": 900}))
+    await silent.page.route_web_socket("**/ws*", lambda ws: None)
+    await silent.page.goto(http_base(server))
+    await silent.page.locator("#builds .loading", has_text="Loading…").wait_for()
+    assert await silent.page.locator('nav a.active[data-view="builds"]').count() == 1
+    await silent.page.close()
+    # Empty, with what to do about it.
+    page = await open_page(browser, http_base(server))
+    await page.page.locator("#builds .empty", has_text="No build yet.").wait_for()
+    hint = await page.page.locator("#builds .empty").inner_text()
+    assert f"citron submit --url http://127.0.0.1:{server.port}/" in hint
+    # The server goes away: the page says so, and keeps trying.
+    await asyncio.to_thread(server.kill9)
+    notice = page.page.locator("#notice", has_text="Cannot reach the server")
+    await notice.wait_for()
+    await asyncio.to_thread(server.restart)
+    await page.page.locator('#status[data-state="open"]').wait_for(timeout=60_000)
+    await notice.wait_for(state="hidden")
+    await page.page.goto(http_base(server) + "#/runners")
+    await page.page.locator("#runners .empty", has_text="No runner connected.").wait_for()
+    # (Chromium reports each refused connection while the server was down.)
+    refused = ("WebSocket connection", "ERR_CONNECTION_REFUSED")
+    assert [e for e in page.errors if not any(r in e for r in refused)] == []
+
+
+async def test_a_401_asks_for_the_token_and_keeps_it(server_factory: Any, browser: Any) -> None:
+    server = server_factory("--web-token", "pw", "--api-token", "a", "--runner-token", "r")
+    page = await open_page(browser, http_base(server))
+    form = page.page.locator("#notice #token-form")
+    await form.wait_for()
+    assert "This server needs a token to read." in await page.page.locator("#notice").inner_text()
+    await page.page.fill("#token-input", "wrong")
+    await page.page.click("#token-form button")
+    await page.page.locator("#notice", has_text="The server refused this token.").wait_for()
+    await page.page.fill("#token-input", "pw")
+    await page.page.click("#token-form button")
+    await page.page.locator('#status[data-state="open"]').wait_for()
+    await page.page.locator("#builds .empty", has_text="No build yet.").wait_for()
+    # Kept for the tab's session: a reload needs no new prompt.
+    await page.page.reload()
+    await page.page.locator('#status[data-state="open"]').wait_for()
+    assert await page.page.locator("#token-form").count() == 0
+    # A server whose WEB role needs a token but whose other roles are open
+    # accepts the connection and refuses each request: the page asks too.
+    open_api = server_factory("--web-token", "pw")
+    other = await open_page(browser, http_base(open_api))
+    await other.page.locator("#notice #token-form").wait_for()
+    errors = [e for e in page.errors + other.errors if "WebSocket" not in e and "401" not in e]
+    assert errors == []
+
+
+async def test_sections_failure_banner_and_raw_log(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any, transport: str
+) -> None:
+    spawn(*runner_argv(server.url), log_name="runner")
+    build = await submit(server, git_repo, "echo one", "echo two; exit 3", "echo never")
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}")
+    await page.page.locator('[data-fact="state"] .badge.failure').wait_for()
+    banner = page.page.locator("#banner")
+    await banner.wait_for()
+    assert await banner.inner_text() == "Failed: $ echo two; exit 3 exited with code 3."
+    sections = page.page.locator("#log .section")
+    titles = await sections.locator(".title").all_inner_texts()
+    assert titles[0].startswith("$ git clone ") and titles[1:] == [
+        "$ echo one",
+        "$ echo two; exit 3",
+    ]
+    # The failing section is open, the others folded.
+    assert await page.page.locator("#log .section.open").count() == 1
+    assert await page.page.locator("#log .section.open.failed .title").inner_text() == titles[2]
+    shown = [text for _, text in await log_lines(page)]
+    assert "two" in shown and "one" not in shown and "never" not in shown
+    await page.page.click('#log .section[data-section="2"]')
+    await page.page.locator("#log .line", has_text="one").wait_for()
+    # The script one line per line; commit and exit code.
+    assert await page.page.locator('[data-fact="script"] li').all_inner_texts() == [
+        "echo one",
+        "echo two; exit 3",
+        "echo never",
+    ]
+    assert await page.page.locator('[data-fact="exit code"]').inner_text() == "3"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert await page.page.locator('[data-fact="commit"]').inner_text() == head
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.page.screenshot(path=str(SCREENSHOTS / f"build-failure-{transport}.png"))
+    # The raw log, from the page's link.
+    href = await page.page.locator("#raw-log").get_attribute("href")
+    assert href == f"/builds/{build}/log"
+    raw = await page.page.evaluate(f"fetch({href!r}).then(r => r.text())")
+    assert "::group::$ echo one\none\n" in raw and "exited with code 3" in raw
+    assert page.errors == []

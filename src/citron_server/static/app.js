@@ -2,7 +2,9 @@
 // Everything from the server is text: it is only ever put in the page with
 // textContent, never parsed as HTML.
 
-const token = new URLSearchParams(location.search).get("token");
+// The token to read with: ?token= on the page's URL, else the one given in
+// this tab's session (asked for when the server answers 401).
+let token = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("citron-token");
 
 // -- the connection ----------------------------------------------------------
 
@@ -22,25 +24,47 @@ class Connection {
     const query = token ? `?token=${encodeURIComponent(token)}` : "";
     const ws = new WebSocket(`${scheme}//${location.host}/ws${query}`);
     this.ws = ws;
+    let opened = false;
     setStatus("connecting", "connecting…");
     ws.onopen = () => {
+      opened = true;
       this.delay = 500;
       setStatus("open", "live");
+      notice(null);
       for (const handler of this.openHandlers) handler();
     };
     ws.onmessage = (event) => this.receive(event.data);
-    ws.onclose = (event) => {
+    ws.onclose = async (event) => {
       for (const [, reject] of this.pending.values()) reject(new Error("connection lost"));
       this.pending.clear();
       if (event.code === 1008) {
-        setStatus("closed", "refused: this page's token may not read (1008)");
+        setStatus("closed", "refused (1008)");
+        notice("The server closed the connection: this page's token may not read (1008).");
+        return;
+      }
+      // A browser does not say why a handshake failed: a plain GET of /ws
+      // answers 401 when it is the token.
+      if (!opened && (await this.refused(query))) {
+        setStatus("closed", "a token is needed");
+        askToken(token ? "The server refused this token." : "This server needs a token to read.");
         return;
       }
       const wait = Math.min(this.delay, 30000) * (0.5 + Math.random() / 2);
       this.delay *= 2;
-      setStatus("closed", `disconnected; reconnecting in ${(wait / 1000).toFixed(1)} s`);
+      const seconds = (wait / 1000).toFixed(1);
+      setStatus("closed", `disconnected; reconnecting in ${seconds} s`);
+      notice(`Cannot reach the server${opened ? " (the connection dropped)" : ""}; trying again in ${seconds} s.`);
       setTimeout(() => this.connect(), wait);
     };
+  }
+
+  async refused(query) {
+    try {
+      const response = await fetch(`/ws${query}`, { cache: "no-store" });
+      return response.status === 401;
+    } catch (error) {
+      return false; // the server cannot be reached at all
+    }
   }
 
   receive(text) {
@@ -79,6 +103,29 @@ class Connection {
   }
 }
 
+// A message above the view (null: none): the connection's trouble.
+function notice(text, ...extra) {
+  const box = document.getElementById("notice");
+  box.hidden = text === null;
+  box.replaceChildren(...(text === null ? [] : [el("p", {}, text), ...extra]));
+}
+
+// Ask for the token; kept for this tab's session, sent as ?token=.
+function askToken(why) {
+  const input = el("input", { type: "password", id: "token-input", "aria-label": "token", autocomplete: "off" });
+  const form = el("form", { id: "token-form" }, input, el("button", { type: "submit" }, "Connect"));
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    if (!input.value) return;
+    token = input.value;
+    sessionStorage.setItem("citron-token", token);
+    notice(null);
+    conn.connect();
+  };
+  notice(`${why} Enter the WEB token (or open this page with ?token=...).`, form);
+  input.focus();
+}
+
 function setStatus(state, text) {
   const status = document.getElementById("status");
   status.dataset.state = state;
@@ -97,6 +144,14 @@ function el(tag, attrs = {}, ...children) {
     node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
   }
   return node;
+}
+
+function loadingRow(columns) {
+  return el("tr", {}, el("td", { class: "empty loading", colspan: String(columns) }, "Loading…"));
+}
+
+function serverUrl() {
+  return `${location.protocol}//${location.host}/`;
 }
 
 function badge(state) {
@@ -131,6 +186,7 @@ class RunnersView {
         el("thead", {}, el("tr", {}, ...["Name", "Type", "State", "Build", "Id"].map((h) => el("th", {}, h)))),
         this.body),
     );
+    this.body.append(loadingRow(5));
   }
 
   async load() {
@@ -152,7 +208,10 @@ class RunnersView {
       el("tr", { "data-runner": r.id },
         el("td", {}, r.name ?? "-"), el("td", {}, r.type), el("td", {}, badge(r.state)),
         el("td", {}, buildLink(r.build)), el("td", {}, r.id))));
-    if (!this.runners.size) this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "5" }, "No runner connected.")));
+    if (!this.runners.size) {
+      this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "5" },
+        "No runner connected. Start one with: citron-runner --url ", el("code", {}, serverUrl()))));
+    }
   }
 }
 
@@ -171,6 +230,8 @@ class BuildsView {
         this.body),
       this.more,
     );
+    this.more.hidden = true;
+    this.body.append(loadingRow(6));
   }
 
   async load() {
@@ -210,7 +271,11 @@ class BuildsView {
         el("td", {}, badge(b.state)), el("td", {}, buildLink(b.id)), el("td", {}, b.repo),
         el("td", {}, b.runner ?? "-"), el("td", {}, time(b.started)), el("td", {}, duration(b)));
     }));
-    if (!this.order.length) this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "6" }, "No build yet.")));
+    if (!this.order.length) {
+      this.body.append(el("tr", {}, el("td", { class: "empty", colspan: "6" },
+        "No build yet. Submit one with: citron submit --url ", el("code", {}, serverUrl()),
+        " --repo URL --script 'make test'")));
+    }
   }
 }
 
@@ -273,6 +338,7 @@ class Terminal {
     this.col = 0;
     this.style = PLAIN;
     this.pending = ""; // an escape sequence cut between two chunks
+    this.sections = []; // {title, start, end (null: open to the end), open (null: default)}
   }
 
   write(text) {
@@ -297,7 +363,7 @@ class Terminal {
         continue;
       }
       if (ch === "\n") {
-        this.lines.push(this.segments());
+        if (!this.marker()) this.lines.push(this.segments());
         this.cells = [];
         this.col = 0;
       } else if (ch === "\r") {
@@ -309,6 +375,25 @@ class Terminal {
       }
       i++;
     }
+  }
+
+  // A finished line that marks a section (docs/protocol.md, "Log
+  // sections"): "::group::TITLE" opens one, "::endgroup::" closes it. The
+  // marker itself is not a line of the log.
+  marker() {
+    if (this.cells.length < 12 || !this.cells[0] || this.cells[0][0] !== ":") return false;
+    const text = this.cells.map((cell) => (cell ? cell[0] : " ")).join("");
+    const open = this.sections.length ? this.sections[this.sections.length - 1] : null;
+    if (text.startsWith("::group::")) {
+      if (open && open.end === null) open.end = this.lines.length;
+      this.sections.push({ title: text.slice(9), start: this.lines.length, end: null, open: null });
+      return true;
+    }
+    if (text === "::endgroup::") {
+      if (open && open.end === null) open.end = this.lines.length;
+      return true;
+    }
+    return false;
   }
 
   segments(cells = this.cells) {
@@ -350,13 +435,16 @@ function styledSpan(text, style) {
 }
 
 // Shows a Terminal's lines, only those in view, so a log of 100,000 lines
-// stays responsive; follows new output unless the reader scrolled up.
+// stays responsive; follows new output unless the reader scrolled up. The
+// log's sections (one per script line) fold: a header row each, its lines
+// below it when open.
 class LogView {
   constructor(buildId, target) {
     this.buildId = buildId;
     this.term = new Terminal();
     this.target = target;
     this.lineHeight = 18;
+    this.state = null; // the build's state, for which section opens by default
     this.box = el("div", { class: "log", id: "log", tabindex: "0" });
     this.spacer = el("div", { class: "spacer" });
     this.rows = el("div", { class: "lines" });
@@ -386,27 +474,112 @@ class LogView {
     });
   }
 
-  render() {
+  // Whether a section shows its lines: as the reader chose; else, in a
+  // failed build, only the last one (where it failed); else every one.
+  isOpen(section, index) {
+    if (section.open !== null) return section.open;
+    return this.state !== "failure" || index === this.term.sections.length - 1;
+  }
+
+  // The log as blocks of rows: runs of lines, and section headers.
+  blocks() {
+    const out = [];
     const count = this.term.count;
-    this.spacer.style.height = `${count * this.lineHeight}px`;
+    let at = 0;
+    this.term.sections.forEach((section, index) => {
+      if (section.start > at) out.push({ from: at, to: section.start });
+      const end = section.end ?? count;
+      out.push({ section, index, from: section.start, to: end });
+      at = end;
+    });
+    if (count > at) out.push({ from: at, to: count });
+    return out;
+  }
+
+  rowsOf(block) {
+    if (!block.section) return block.to - block.from;
+    return 1 + (this.isOpen(block.section, block.index) ? block.to - block.from : 0);
+  }
+
+  render() {
+    const blocks = this.blocks();
+    if (this.target !== null && !this.jumped) {
+      const home = blocks.find((b) => b.section && this.target > b.from && this.target <= b.to);
+      if (home) home.section.open = true; // a linked line is shown
+    }
+    let total = 0;
+    for (const block of blocks) total += this.rowsOf(block);
+    this.spacer.style.height = `${total * this.lineHeight}px`;
     if (this.following) this.box.scrollTop = this.box.scrollHeight;
-    else if (this.target !== null && this.target <= count && !this.jumped) {
-      this.box.scrollTop = Math.max(0, (this.target - 3) * this.lineHeight);
+    else if (this.target !== null && this.target <= this.term.count && !this.jumped) {
+      this.box.scrollTop = Math.max(0, (this.rowOfLine(blocks, this.target - 1) - 3) * this.lineHeight);
       this.jumped = true;
     }
     const first = Math.max(0, Math.floor(this.box.scrollTop / this.lineHeight) - 20);
-    const last = Math.min(count, first + Math.ceil(this.box.clientHeight / this.lineHeight) + 40);
+    const last = Math.min(total, first + Math.ceil(this.box.clientHeight / this.lineHeight) + 40);
     this.rows.style.top = `${first * this.lineHeight}px`;
     const nodes = [];
-    for (let i = first; i < last; i++) {
-      const number = i + 1;
-      const row = el("div", { class: number === this.target ? "line target" : "line", "data-line": String(number) },
-        el("a", { class: "ln", href: `#/builds/${encodeURIComponent(this.buildId)}/${number}` }, number));
-      for (const [text, style] of this.term.line(i)) row.append(styledSpan(text, style));
-      nodes.push(row);
+    let row = 0;
+    for (const block of blocks) {
+      const size = this.rowsOf(block);
+      if (row + size <= first) { row += size; continue; }
+      if (row >= last) break;
+      if (block.section) {
+        if (row >= first) nodes.push(this.header(block));
+        row++;
+      }
+      const shown = block.section && !this.isOpen(block.section, block.index) ? block.from : block.to;
+      let line = block.from;
+      if (row < first) { // straight to the first row in view
+        const skip = Math.min(first - row, shown - line);
+        line += skip;
+        row += skip;
+      }
+      for (; line < shown && row < last; line++, row++) {
+        nodes.push(this.lineRow(line, block.section ? "line in" : "line"));
+      }
     }
     this.rows.replaceChildren(...nodes);
+    if (this.onrender) this.onrender();
     this.follow.textContent = this.following ? "following new output" : "scrolled up: not following (scroll to the end to follow)";
+  }
+
+  rowOfLine(blocks, i) {
+    let row = 0;
+    for (const block of blocks) {
+      if (i >= block.from && i < block.to) return row + (block.section ? 1 : 0) + (i - block.from);
+      row += this.rowsOf(block);
+    }
+    return row;
+  }
+
+  header(block) {
+    const { section, index } = block;
+    const open = this.isOpen(section, index);
+    const failed = this.state === "failure" && index === this.term.sections.length - 1;
+    const node = el("div", {
+      class: `section${open ? " open" : ""}${failed ? " failed" : ""}`,
+      "data-section": String(index + 1), role: "button", tabindex: "0", "aria-expanded": String(open),
+    }, el("span", { class: "fold" }, open ? "▾" : "▸"), el("span", { class: "title" }, section.title),
+    el("span", { class: "count" }, `${block.to - block.from} line${block.to - block.from === 1 ? "" : "s"}`));
+    const toggle = () => { section.open = !open; this.following = false; this.schedule(); };
+    node.onclick = toggle;
+    node.onkeydown = (event) => { if (event.key === "Enter" || event.key === " ") { event.preventDefault(); toggle(); } };
+    return node;
+  }
+
+  lineRow(i, cls) {
+    const number = i + 1;
+    const row = el("div", { class: number === this.target ? `${cls} target` : cls, "data-line": String(number) },
+      el("a", { class: "ln", href: `#/builds/${encodeURIComponent(this.buildId)}/${number}` }, number));
+    for (const [text, style] of this.term.line(i)) row.append(styledSpan(text, style));
+    return row;
+  }
+
+  // The section that failed: the last one of a failed build.
+  failedSection() {
+    const sections = this.term.sections;
+    return this.state === "failure" && sections.length ? sections[sections.length - 1] : null;
   }
 }
 
@@ -415,11 +588,16 @@ class BuildView {
     this.conn = conn;
     this.id = id;
     this.seq = 0; // the last chunk shown: a resubscription starts after it
-    this.facts = el("dl", { class: "facts", id: "facts" });
+    this.build = null;
+    this.facts = el("dl", { class: "facts", id: "facts" }, el("p", { class: "empty" }, "Loading…"));
+    this.banner = el("div", { class: "banner failure", id: "banner", role: "alert" });
+    this.banner.hidden = true;
     this.log = new LogView(id, line);
+    this.log.onrender = () => this.showBanner();
     const raw = `/builds/${encodeURIComponent(id)}/log${token ? `?token=${encodeURIComponent(token)}` : ""}`;
     main.append(
       el("h1", {}, "Build ", el("span", { id: "build-id" }, id)),
+      this.banner,
       this.facts,
       el("p", { class: "actions" }, el("a", { id: "raw-log", href: raw, target: "_blank", rel: "noopener" }, "Raw log")),
       this.log.box,
@@ -447,7 +625,28 @@ class BuildView {
     }
   }
 
+  // What failed, where: the failing section's title (the script line, as
+  // the runner named it) and the exit code the runner reported.
+  showBanner() {
+    const b = this.build;
+    if (!b || b.state !== "failure") {
+      this.banner.hidden = true;
+      return;
+    }
+    const section = this.log.failedSection();
+    const known = b.exit_code !== null && b.exit_code !== undefined;
+    const text = section
+      ? el("span", {}, "Failed: ", el("code", {}, section.title), known ? ` exited with code ${b.exit_code}.` : " failed.")
+      : el("span", {}, `The build failed${known ? ` (exit code ${b.exit_code})` : ""}.`);
+    if (this.banner.textContent !== text.textContent) this.banner.replaceChildren(text);
+    this.banner.hidden = false;
+  }
+
   show(b) {
+    this.build = b;
+    this.log.state = b.state;
+    this.log.schedule();
+    this.showBanner();
     const rows = [
       ["State", badge(b.state)], ["Repository", b.repo], ["Ref", b.ref ?? "-"],
       ["Commit", b.commit ? el("code", { title: b.commit }, b.commit) : "-"], ["Type", b.type ?? "-"],
@@ -488,6 +687,11 @@ function route() {
 }
 
 function showError(error) {
+  const message = String(error.message || error);
+  if (message.startsWith("unauthorized")) { // a WEB token is needed, other roles are open
+    askToken(token ? "The server refused this token for reading." : "This server needs a token to read.");
+    return;
+  }
   const main = document.getElementById("main");
   if (!main.querySelector(".error")) main.append(el("p", { class: "error empty" }, String(error.message || error)));
 }
