@@ -39,7 +39,11 @@ class Connection {
       this.pending.clear();
       if (event.code === 1008) {
         setStatus("closed", "refused (1008)");
-        notice("The server closed the connection: this page's token may not read (1008).");
+        if (event.reason.startsWith("unauthorized")) {
+          askToken(token ? "The server refused this token for reading." : "This server needs a token to read.");
+        } else {
+          notice(`The server closed the connection (1008: ${event.reason || "policy violation"}).`);
+        }
         return;
       }
       // A browser does not say why a handshake failed: a plain GET of /ws
