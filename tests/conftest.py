@@ -160,4 +160,18 @@ def server(server_factory: ServerFactory) -> ServerProc:
     return server_factory()
 
 
+#: Fixtures that start real processes (a server, a runner, a browser, Redis,
+#: a fresh venv): a test that uses one is marked ``slow``, so that
+#: ``python -m pytest -m "not slow"`` is the quick, in-memory part.
+SLOW_FIXTURES = frozenset(
+    {"server", "server_factory", "spawn", "browser", "cluster_factory", "redis", "lean"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 from .procs import git_repo, spawn  # noqa: E402, F401 - fixtures for every test folder

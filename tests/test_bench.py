@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_the_quick_benchmarks_run(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     result = subprocess.run(

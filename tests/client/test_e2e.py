@@ -317,7 +317,7 @@ def test_tables_and_json(server: ServerProc) -> None:
     as_json = json.loads(citron("builds", server.url, "--json", "--state", "queued").stdout)
     assert [b["id"] for b in as_json] == [build]
     shown = citron("show", server.url, build).stdout
-    assert f"id:        {build}" in shown and "  make" in shown
+    assert f"id:         {build}" in shown and "  make" in shown
     assert (
         json.loads(citron("submit", server.url, "--repo", "r", "--script", "x", "--json").stdout)[
             "state"

@@ -80,6 +80,7 @@ def test_fuzz_json_is_json(server_factory: ServerFactory) -> None:
     assert report["builds_cancelled"] <= report["builds_queued"]
 
 
+@pytest.mark.slow
 def test_conformance_runner_passes_on_citron_runner() -> None:
     result = citron("conformance", "--runner", "--", *runner_argv("")[:-1], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -112,6 +113,7 @@ def row(result: subprocess.CompletedProcess[str], check: str) -> str:
         ("keep_acked", ["acks"], "resent after the server acknowledged"),
     ],
 )
+@pytest.mark.slow
 def test_conformance_runner_catches_each_broken_rule(
     fault: str, checks: list[str], why: str
 ) -> None:
@@ -124,6 +126,7 @@ def test_conformance_runner_catches_each_broken_rule(
     assert "      | " in result.stdout and "INFO citron.runner:" in result.stdout
 
 
+@pytest.mark.slow
 def test_conformance_runner_accepts_a_resend_from_one() -> None:
     """The protocol lets a resumed runner resend from seq 1 (stored seqs are
     ignored): such a runner passes every check."""
@@ -134,6 +137,7 @@ def test_conformance_runner_accepts_a_resend_from_one() -> None:
     assert "SKIP  the runner asked for protocol 1" in row(result, "acks")
 
 
+@pytest.mark.slow
 def test_conformance_runner_stops_each_runner() -> None:
     """A runner that ignores SIGTERM is killed after the grace, and each check
     has its own process: one stuck runner is one failure."""
@@ -257,6 +261,7 @@ async def test_conformance_fails_on_a_broken_server(broken_server: str) -> None:
     assert "FAIL" in line and "WEB:run" in line
 
 
+@pytest.mark.slow
 async def test_fuzz_fails_on_a_broken_server(broken_server: str) -> None:
     result = await asyncio.to_thread(
         citron,
@@ -297,6 +302,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 def test_conformance_runner_fails_on_a_broken_runner(tmp_path: Path) -> None:
     path = tmp_path / "broken_runner.py"
     path.write_text(BROKEN_RUNNER)
@@ -341,6 +347,7 @@ def test_tools_fail_in_one_line(args: list[str], code: int, needle: str) -> None
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 async def test_fuzz_pairs_late_answers_with_their_frames() -> None:
     """A server that answers a runner's chunk late, but in order, is right;
     the fuzzer must pair each answer with its frame (it once gave such an

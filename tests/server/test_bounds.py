@@ -341,7 +341,7 @@ async def test_citron_logs_backs_off_when_every_replay_is_cut(
 ) -> None:
     # Every page of this log is over the server's outgoing limit: each
     # subscribe ends in 4008 right after the connection opened.
-    server = server_factory("--max-buffer", "4096")
+    server = server_factory("--max-buffer", "4096", "--log-level", "DEBUG")  # (opened: DEBUG)
     build, _ = await write_log(server.url, 8 * 1024, 160 * 1024)
     opened_before = server.log().count("opened")
     proc = await asyncio.to_thread(procs.citron_popen, "logs", server.url, build)
@@ -355,6 +355,7 @@ async def test_citron_logs_backs_off_when_every_replay_is_cut(
     assert server.log().count("slow consumer") >= 2
 
 
+@pytest.mark.slow
 async def test_citron_runner_backs_off_from_a_server_that_closes_after_ready() -> None:
     opened = 0
 
