@@ -7,22 +7,22 @@ maps between these classes and frames.
 
 Client frames (``ROLE:command:payload``):
 
-=============================  ===============  ==================
-frame                          class            roles
-=============================  ===============  ==================
-``init``                       RunnerInit       RUNNER
-``process`` (finished false)   RunnerLog        RUNNER
-``process`` (finished true)    RunnerFinished   RUNNER
-``unregister``                 RunnerUnregister RUNNER
-``run``                        SubmitBuild      API
-``cancel``                     CancelBuild      API
-``shutdown_runner``            ShutdownRunner   API
-``get_runners``                GetRunners       API, WEB
-``get_builds``                 GetBuilds        API, WEB
-``get_build``                  GetBuild         API, WEB
-``subscribe``                  Subscribe        API, WEB
-``unsubscribe``                Unsubscribe      API, WEB
-=============================  ===============  ==================
+=============================  ================  ==================
+frame                          class             roles
+=============================  ================  ==================
+``init``                       RunnerInit        RUNNER
+``process`` (finished false)   RunnerLog         RUNNER
+``process`` (finished true)    RunnerFinished    RUNNER
+``unregister``                 RunnerUnregister  RUNNER
+``run``                        SubmitBuild       API
+``cancel``                     CancelBuild       API
+``shutdown_runner``            ShutdownRunner    API
+``get_runners``                GetRunners        API, WEB
+``get_builds``                 GetBuilds         API, WEB
+``get_build``                  GetBuild          API, WEB
+``subscribe``                  Subscribe         API, WEB
+``unsubscribe``                Unsubscribe       API, WEB
+=============================  ================  ==================
 
 Server frames (``command:payload``): ``ready`` Ready, ``run`` Run, ``cancel``
 Cancel, ``shutdown`` Shutdown, ``ack`` Ack, ``queued`` Queued, ``build`` BuildReply,
