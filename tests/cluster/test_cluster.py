@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,14 @@ async def test_retention_on_redis_deletes_what_it_should_and_nothing_else(
     assert sorted(client.zrange("citron:state:running", 0, -1)) == ["b16", "b17"]
     assert client.zcard("citron:state:success") == 0 and client.zcard("citron:finished") == 5
     await store.close()
+
+
+def test_startup_says_engine_and_node(cluster: Cluster) -> None:
+    """The start-up lines of a node, as docs/operations.md shows them."""
+    for node in cluster.nodes:
+        assert node.lines[0].startswith("citron-server: listening on ws://")
+        assert node.lines[1].startswith("citron-server: transport ")
+        assert re.fullmatch(
+            r"citron-server: engine redis://127\.0\.0\.1:\d+/\d+ \(Redis, node [0-9a-f]{12}\)",
+            node.lines[2],
+        ), node.lines[2]
