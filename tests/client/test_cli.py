@@ -137,14 +137,19 @@ async def test_wait_says_why_a_build_stays_queued(server: ServerProc) -> None:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
-    first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-    build = first.split()[-1]
-    hint = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-    assert f"build {build} is still queued" in hint
-    assert "no connected runner has type 'gpu' (connected types: simple)" in hint
-    # Ctrl-C: the build goes on, and the message says how to cancel it.
-    proc.send_signal(signal.SIGINT)
-    _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        build = first.split()[-1]
+        hint = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        assert f"build {build} is still queued" in hint
+        assert "no connected runner has type 'gpu' (connected types: simple)" in hint
+        # Ctrl-C: the build goes on, and the message says how to cancel it.
+        proc.send_signal(signal.SIGINT)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 130
     text = rest.decode()
     assert f"build {build} goes on" in text and f"citron cancel -u {server.url} {build}" in text
