@@ -24,6 +24,13 @@ FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").
 FENCE = re.compile(r"```([\w-]+)\n(.*?)```", re.DOTALL)  # (MyST's ```{directive} are not code)
 
 
+@pytest.fixture
+def transport() -> str:
+    """One transport: what these tests check is the documented examples, the same on both
+    (the servers' own tests run on both)."""
+    return "websockets"
+
+
 def blocks() -> dict[str, tuple[str, str]]:
     """Every code block by id, ``FILE#N`` (N counts the file's blocks), with
     its language and text."""

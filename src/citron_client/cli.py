@@ -348,7 +348,7 @@ async def _follow(client: Client, build: str, out: Output, *, hint: bool = False
         async for event in client.follow(build):
             if isinstance(event, LogChunk):
                 if out.as_json:
-                    print(json.dumps({"seq": event.seq, "log": event.log}), flush=True)
+                    print(json.dumps({"seq": event.seq, "log": event.log, "time": event.time}), flush=True)
                 else:
                     sys.stdout.write(event.log)
                     sys.stdout.flush()
@@ -607,7 +607,7 @@ async def _print_stored(client: Client, info: BuildInfo, out: Output) -> None:
     async for event in client.follow(info.id):
         if isinstance(event, LogChunk):
             if out.as_json:
-                print(json.dumps({"seq": event.seq, "log": event.log}))
+                print(json.dumps({"seq": event.seq, "log": event.log, "time": event.time}))
             else:
                 sys.stdout.write(event.log)
             if event.seq >= info.log_seq:

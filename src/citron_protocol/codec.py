@@ -12,9 +12,12 @@ Encoding always emits strict, compact JSON.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
@@ -89,6 +92,7 @@ __all__ = [
     "decode_server",
     "encode",
     "encode_log_chunk",
+    "log_time",
     "fast_runner_log",
     "frame_head",
     "parse_client",
@@ -708,10 +712,26 @@ def _payload(message: Message) -> str:
     return orjson.dumps(fields).decode()
 
 
-def encode_log_chunk(build: str, seq: int, log: str) -> str:
-    """``encode(LogChunk(build=build, seq=seq, log=log))``, without building the
-    message: the hub's hot path. The arguments must be valid."""
-    return "log:" + orjson.dumps({"build": build, "seq": seq, "log": log}).decode()
+def encode_log_chunk(build: str, seq: int, log: str, time: str | None = None) -> str:
+    """``encode(LogChunk(build=build, seq=seq, log=log, time=time))``, without
+    building the message: the hub's hot path. The arguments must be valid."""
+    if time is None:
+        return "log:" + orjson.dumps({"build": build, "seq": seq, "log": log}).decode()
+    return "log:" + orjson.dumps({"build": build, "seq": seq, "log": log, "time": time}).decode()
+
+
+@functools.lru_cache(maxsize=8)
+def _second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def log_time(t: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC with milliseconds, as every
+    time of the wire: a chunk's ``time``. One call per chunk: the part up to
+    the second is cached."""
+    second = math.floor(t)
+    millis = min(int((t - second) * 1000), 999)
+    return f"{_second(second)}.{millis:03d}Z"
 
 
 def as_data(value: Any) -> Any:

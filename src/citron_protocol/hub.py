@@ -65,6 +65,7 @@ from .codec import (
     encode,
     encode_log_chunk,
     fast_log_frame,
+    log_time,
 )
 from .errors import ErrorCode, ProtocolError, SnapshotError, UsageError
 from .messages import (
@@ -130,6 +131,10 @@ SNAPSHOT_VERSION: Final = 2
 SNAPSHOT_FORMAT: Final = "citron-hub"
 
 ConnId = Hashable
+
+
+#: The longest ``time`` of a ``log:`` frame, to bound a frame's size.
+_LONGEST_TIME = "9999-12-31T23:59:59.999Z"
 
 
 class CloseCode:
@@ -592,8 +597,15 @@ class Hub:
             self._evicted = max(self._evicted, build.record.number)
             self._evictions += 1
 
-    def log_loaded(self, request: int, chunks: Sequence[tuple[int, str]], now: float) -> Effects:
-        """The answer to :class:`LoadLog` ``request``: ``(seq, text)`` ascending."""
+    def log_loaded(
+        self,
+        request: int,
+        chunks: Sequence[tuple[int, str] | tuple[int, str, float | None]],
+        now: float,
+    ) -> Effects:
+        """The answer to :class:`LoadLog` ``request``: ``(seq, text, time)``
+        ascending (:data:`~citron_protocol.records.Chunk`; a store that does
+        not keep times may give ``(seq, text)``)."""
         self._now = now
         sub = self._loads.pop(request, None)
         if sub is None or sub.pending is None or sub.conn.subs.get(sub.build.id) is not sub:
@@ -601,11 +613,15 @@ class Hub:
         sub.request = None
         conn = sub.conn.id
         sent = 0
-        for seq, text in chunks:
+        for chunk in chunks:
+            seq, text = chunk[0], chunk[1]
             if sub.after < seq <= sub.until:
                 if sent >= self.config.replay_bytes:
                     break  # the page is full: the rest comes with the next one
-                frame = encode_log_chunk(sub.build.id, seq, text)
+                stamp = chunk[2] if len(chunk) > 2 else None
+                frame = encode_log_chunk(
+                    sub.build.id, seq, text, None if stamp is None else log_time(stamp)
+                )
                 self._send_raw(conn, "log", frame)
                 sent += utf8_size(frame)
                 sub.after = seq
@@ -1021,11 +1037,12 @@ class Hub:
         self.stats.log_bytes += size
         record = build.record
         build_id = record.id
-        self._fx.records.append(log_record(build_id, seq, text, record.attempt, run_seq, size))
+        now = self._now
+        self._fx.records.append(log_record(build_id, seq, text, record.attempt, run_seq, size, now))
         subs = build.subs
         if not subs or not live:
             return
-        frame = encode_log_chunk(build_id, seq, text)
+        frame = encode_log_chunk(build_id, seq, text, log_time(now))
         sends = self._fx.sends
         counts = self.stats.frames_out
         for sub in subs.values():
@@ -1275,9 +1292,9 @@ class Hub:
         text (control characters), and a frame must fit every reader's
         buffer. Pieces share the runner's seq."""
         bound = self.config.max_log_frame
-        if 6 * len(text) + len(build_id) + 64 <= bound or len(text) < 2:
+        if 6 * len(text) + len(build_id) + 112 <= bound or len(text) < 2:
             return [text]  # the common case: no need to encode to know
-        if utf8_size(encode_log_chunk(build_id, MAX_INT, text)) <= bound:
+        if utf8_size(encode_log_chunk(build_id, MAX_INT, text, _LONGEST_TIME)) <= bound:
             return [text]
         half = len(text) // 2
         return self._pieces(build_id, text[:half]) + self._pieces(build_id, text[half:])

@@ -765,13 +765,16 @@ class Unsubscribed:
 
 @attrs.frozen(kw_only=True)
 class LogChunk:
-    """``log``: one stored chunk of a build's log, numbered by ``seq`` from 1."""
+    """``log``: one stored chunk of a build's log, numbered by ``seq`` from 1;
+    ``time`` is when the server received it (RFC 3339; None for chunks
+    stored before servers kept it)."""
 
     COMMAND: ClassVar[str] = "log"
 
     build: str = attrs.field(validator=_nonempty_text)
     seq: int = attrs.field(validator=_count(1))
     log: str = attrs.field(validator=_text)
+    time: str | None = attrs.field(default=None, validator=_opt_text)
 
 
 @attrs.frozen(kw_only=True)

@@ -28,7 +28,15 @@ import attrs
 
 from .messages import BuildState, utf8_size
 
-__all__ = ["BuildRecord", "FindBuilds", "LoadLog", "LogRecord", "MemoryStore", "Record"]
+__all__ = [
+    "BuildRecord",
+    "Chunk",
+    "FindBuilds",
+    "LoadLog",
+    "LogRecord",
+    "MemoryStore",
+    "Record",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -77,13 +85,14 @@ class _LogRecordSlots:
     (one per log chunk; see :func:`log_record`), as the codec does for
     ``RunnerLog``."""
 
-    __slots__ = ("__weakref__", "attempt", "build", "log", "run_seq", "seq", "size")
+    __slots__ = ("__weakref__", "attempt", "build", "log", "run_seq", "seq", "size", "time")
     build: str
     seq: int
     log: str
     attempt: int
     run_seq: int | None
     size: int
+    time: float | None
 
 
 @attrs.frozen(kw_only=True)
@@ -92,6 +101,7 @@ class LogRecord(_LogRecordSlots):
 
     ``run_seq`` is the runner's number for it within ``attempt`` (None for a
     notice the hub wrote itself). ``size`` is its length in UTF-8 bytes.
+    ``time`` is when the hub received it (seconds since the epoch).
     """
 
     build: str
@@ -100,15 +110,26 @@ class LogRecord(_LogRecordSlots):
     attempt: int
     run_seq: int | None
     size: int
+    time: float | None = None
 
 
 Record = BuildRecord | LogRecord
+
+#: A stored chunk as a store reads it back: seq, text, and when it was
+#: received (None if the store did not keep it).
+Chunk = tuple[int, str, float | None]
 
 _new = object.__new__
 
 
 def log_record(
-    build: str, seq: int, log: str, attempt: int, run_seq: int | None, size: int
+    build: str,
+    seq: int,
+    log: str,
+    attempt: int,
+    run_seq: int | None,
+    size: int,
+    time: float | None = None,
 ) -> LogRecord:
     """``LogRecord(...)`` without the frozen ``__setattr__`` (half the cost)."""
     record = _new(_LogRecordSlots)
@@ -118,6 +139,7 @@ def log_record(
     record.attempt = attempt
     record.run_seq = run_seq
     record.size = size
+    record.time = time
     record.__class__ = LogRecord
     return record  # type: ignore[return-value]
 
@@ -238,24 +260,24 @@ class MemoryStore:
 
     def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
-    ) -> Sequence[tuple[int, str]]:
+    ) -> Sequence[Chunk]:
         """The chunks ``after < seq <= until`` of ``build``, at most ``limit``,
         and (when given) no more than ``max_bytes`` of text but at least one."""
         chunks = self.logs.get(build, [])
         # seq n is at index n - 1: chunks are appended in order from 1
-        page = [(c.seq, c.log) for c in chunks[after : min(until, after + limit)]]
+        page = [(c.seq, c.log, c.time) for c in chunks[after : min(until, after + limit)]]
         return page if max_bytes is None else page_of(page, max_bytes)
 
 
-def page_of(chunks: Iterable[tuple[int, str]], max_bytes: int) -> list[tuple[int, str]]:
+def page_of(chunks: Iterable[Chunk], max_bytes: int) -> list[Chunk]:
     """The first chunks whose text adds up to at most ``max_bytes`` (UTF-8),
     and at least one: how a store bounds a replay page."""
-    out: list[tuple[int, str]] = []
+    out: list[Chunk] = []
     total = 0
-    for seq, text in chunks:
-        size = utf8_size(text)
+    for chunk in chunks:
+        size = utf8_size(chunk[1])
         if out and total + size > max_bytes:
             break
-        out.append((seq, text))
+        out.append(chunk)
         total += size
     return out

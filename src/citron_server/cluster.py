@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 from citron_protocol import Hub, HubConfig, Role, SnapshotError
 from citron_protocol.codec import answer_unavailable
 from citron_protocol.hub import CloseCode
-from citron_protocol.records import BuildRecord, FindBuilds, LogRecord, Record
+from citron_protocol.records import BuildRecord, Chunk, FindBuilds, LogRecord, Record
 
 from .host import Connection, Host, HostConfig
 from .settings import redacted
@@ -100,7 +100,7 @@ return 0
 
 _WRITE_CHUNKS = """
 for i = 1, #KEYS do
-  redis.pcall('XADD', KEYS[i], '0-' .. ARGV[2 * i - 1], 'l', ARGV[2 * i])
+  redis.pcall('XADD', KEYS[i], '0-' .. ARGV[3 * i - 2], 'l', ARGV[3 * i - 1], 't', ARGV[3 * i])
 end
 return #KEYS
 """
@@ -325,13 +325,13 @@ class RedisStore:
 
     async def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
-    ) -> Sequence[tuple[int, str]]:
+    ) -> Sequence[Chunk]:
         """Chunks ``after < seq <= until``; waits for this node's own earlier
         writes. With ``max_bytes``, reads a few entries at a time and stops
         once the page is full."""
         await self._own_writes()
         step = limit if max_bytes is None else min(limit, 16)
-        out: list[tuple[int, str]] = []
+        out: list[Chunk] = []
         total = 0
         while len(out) < limit:
             try:
@@ -346,7 +346,8 @@ class RedisStore:
                     total += len(text.encode("utf-8", "surrogatepass"))
                     if out and total > max_bytes:
                         return out
-                out.append((int(entry_id.partition("-")[2]), text))
+                stamp = fields.get("t")
+                out.append((int(entry_id.partition("-")[2]), text, float(stamp) if stamp else None))
             if max_bytes is None or len(entries) < step:
                 break
             after = out[-1][0]
@@ -398,7 +399,7 @@ class RedisStore:
         for record in batch:
             if isinstance(record, LogRecord):
                 keys.append(log_key(record.build))
-                args.extend((record.seq, record.log))
+                args.extend((record.seq, record.log, "" if record.time is None else record.time))
                 continue
             builds.append(record)
             if record.state.finished and self.config.log_retention is not None:

@@ -32,7 +32,7 @@ from citron_protocol import Effects, Hub, HubConfig, Role
 from citron_protocol.codec import frame_head
 from citron_protocol.hub import CloseCode
 from citron_protocol.messages import MAX_INT, utf8_size
-from citron_protocol.records import BuildRecord, FindBuilds, LoadLog
+from citron_protocol.records import BuildRecord, Chunk, FindBuilds, LoadLog
 
 from .store import Store, StoreError
 
@@ -307,7 +307,7 @@ class Host:
             chunks = await self.store.read_log(build_id, after, MAX_INT, 100_000, RAW_LOG_PAGE)
             if not chunks:
                 return
-            yield "".join(text for _, text in chunks)
+            yield "".join(chunk[1] for chunk in chunks)
             after = chunks[-1][0]
 
     # -- lifecycle -----------------------------------------------------------------
@@ -623,7 +623,7 @@ class Host:
         """Read one page of a replay once its connection drained, and hand it
         to the hub (which asks for the next page, if any)."""
         conn = self.connections.get(load.conn)  # type: ignore[call-overload]
-        chunks: list[tuple[int, str]] = []
+        chunks: list[Chunk] = []
         if conn is not None and not conn.gone:
             try:
                 await conn.peer.drain()  # pace the replay to the reader

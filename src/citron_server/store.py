@@ -33,14 +33,22 @@ import attrs
 import cattrs
 import orjson
 
-from citron_protocol.records import LIVE_STATES, BuildRecord, FindBuilds, LogRecord, Record, page_of
+from citron_protocol.records import (
+    LIVE_STATES,
+    BuildRecord,
+    Chunk,
+    FindBuilds,
+    LogRecord,
+    Record,
+    page_of,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "Store", "StoreError", "write_database"]
 
 log = logging.getLogger("citron.store")
 
 #: The schema version this code writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BATCH_SECONDS = 0.05  # a transaction commits after at most this long
 HANDOFF_SECONDS = 0.01  # records wait at most this long on the event loop
 
@@ -97,10 +105,11 @@ class Store(Protocol):
 
     async def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
-    ) -> Sequence[tuple[int, str]]:
+    ) -> Sequence[Chunk]:
         """Chunks ``after < seq <= until`` of ``build``, ascending, at most
-        ``limit``; with ``max_bytes``, no more text than that but at least one
-        chunk (:func:`citron_protocol.records.page_of`)."""
+        ``limit``, as ``(seq, text, time)``; with ``max_bytes``, no more text
+        than that but at least one chunk
+        (:func:`citron_protocol.records.page_of`)."""
         ...
 
     async def close(self) -> None:
@@ -141,6 +150,10 @@ _MIGRATIONS: list[str] = [
     UPDATE builds SET record = json_set(record, '$.log_seq', c.seq, '$.log_bytes', c.size)
         FROM (SELECT build, max(seq) AS seq, sum(size) AS size FROM log_chunks GROUP BY build)
         AS c WHERE c.build = builds.id;
+    """,
+    # version 3: when each chunk was received (null for older chunks)
+    """
+    ALTER TABLE log_chunks ADD COLUMN time REAL;
     """,
 ]
 PURGE_VACUUM_PAGES = 4096  # pages given back to the file system per purge step
@@ -249,15 +262,15 @@ class SqliteStore:
 
     async def read_log(
         self, build: str, after: int, until: int, limit: int, max_bytes: int | None = None
-    ) -> Sequence[tuple[int, str]]:
-        def read(db: sqlite3.Connection) -> list[tuple[int, str]]:
+    ) -> Sequence[Chunk]:
+        def read(db: sqlite3.Connection) -> list[Chunk]:
             rows = db.execute(
-                "SELECT seq, log FROM log_chunks WHERE build = ? AND seq > ? AND seq <= ?"
+                "SELECT seq, log, time FROM log_chunks WHERE build = ? AND seq > ? AND seq <= ?"
                 " ORDER BY seq LIMIT ?",
                 (build, after, until, limit),
             )
             # The cursor steps row by row: a page reads only what it keeps.
-            chunks = ((int(seq), str(text)) for seq, text in rows)
+            chunks = ((int(seq), str(text), t) for seq, text, t in rows)
             return list(chunks) if max_bytes is None else page_of(chunks, max_bytes)
 
         return await self._call(read)  # type: ignore[no-any-return]
@@ -443,11 +456,19 @@ def write_database(path: str, records: Iterable[Record]) -> None:
 
 
 def _apply(db: sqlite3.Connection, records: Iterable[Record]) -> None:
-    chunks: list[tuple[str, int, int, int | None, int, str]] = []
+    chunks: list[tuple[str, int, int, int | None, int, str, float | None]] = []
     for record in records:
         if isinstance(record, LogRecord):
             chunks.append(
-                (record.build, record.seq, record.attempt, record.run_seq, record.size, record.log)
+                (
+                    record.build,
+                    record.seq,
+                    record.attempt,
+                    record.run_seq,
+                    record.size,
+                    record.log,
+                    record.time,
+                )
             )
             continue
         if chunks:
@@ -486,11 +507,12 @@ def record_of(text: str) -> BuildRecord:
 
 
 def _insert_chunks(
-    db: sqlite3.Connection, chunks: list[tuple[str, int, int, int | None, int, str]]
+    db: sqlite3.Connection,
+    chunks: list[tuple[str, int, int, int | None, int, str, float | None]],
 ) -> None:
     db.executemany(
-        "INSERT OR REPLACE INTO log_chunks (build, seq, attempt, run_seq, size, log)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO log_chunks (build, seq, attempt, run_seq, size, log, time)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
         chunks,
     )
 

@@ -7,14 +7,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 
+import pytest
+
 from ..conftest import ServerFactory, ServerProc
 from ..peers import ask, expect, peer, runner, submit
 from ..procs import Spawn, citron, eventually, runner_argv
+
+
+@pytest.fixture
+def transport() -> str:
+    """One transport: what these tests check is the CLI, the same on both
+    (the servers' own tests run on both)."""
+    return "websockets"
 
 
 def http(server: ServerProc) -> str:
@@ -120,7 +130,8 @@ async def test_submit_json_wait_ends_with_the_build(server: ServerProc) -> None:
     result = await proc
     assert result.returncode == 1, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[0] == {"seq": 1, "log": "hello\n"}
+    assert (lines[0]["seq"], lines[0]["log"]) == (1, "hello\n")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[0]["time"])
     assert lines[-1]["state"] == "failure" and lines[-1]["id"].startswith("b-")
     assert len(lines) == 2
 

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -409,3 +410,34 @@ async def test_sections_failure_banner_and_raw_log(
     raw = await page.page.evaluate(f"fetch({href!r}).then(r => r.text())")
     assert "::group::$ echo one\none\n" in raw and "exited with code 3" in raw
     assert page.errors == []
+
+
+async def test_line_timestamps(server: ServerProc, browser: Any) -> None:
+    """Each line can show when the server received it; the choice stays."""
+    from ..peers import expect, peer, runner
+
+    api = await peer(server.url)
+    build = (await ask_build(api)).build
+    ws = await runner(server.url)
+    await expect(ws, "run")
+    await ws.send('RUNNER:process:{"finished": false, "log": "early\\n"}')
+    await asyncio.sleep(1.2)
+    await ws.send('RUNNER:process:{"finished": false, "log": "late\\nsame chunk\\n"}')
+    await ws.send('RUNNER:process:{"finished": true, "success": true}')
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}")
+    await page.page.locator('[data-fact="state"] .badge.success').wait_for()
+    await page.page.locator("#log .line", has_text="same chunk").wait_for()
+    assert await page.page.locator("#log .ts").count() == 0  # off by default
+    await page.page.check("#timestamps")
+    stamps = await page.page.locator("#log .line .ts").all_inner_texts()
+    assert len(stamps) == 3 and all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", s) for s in stamps)
+    assert stamps[1] == stamps[2] != stamps[0]  # one chunk, one time
+    await page.page.reload()
+    await page.page.locator("#log .line .ts").first.wait_for()  # remembered
+    assert page.errors == []
+
+
+async def ask_build(api: Any) -> Any:
+    from ..peers import ask
+
+    return await ask(api, 'API:run:{"repo": "https://x/r.git", "script": ["make"]}')

@@ -260,6 +260,18 @@ def test_log_chunk_fast_path_equals_encode(build: str, seq: int, log: str) -> No
     if not build or "\0" in build:
         return
     assert encode_log_chunk(build, seq, log) == encode(LogChunk(build=build, seq=seq, log=log))
+    stamp = "2026-12-03T17:10:51.123Z"
+    assert encode_log_chunk(build, seq, log, stamp) == encode(
+        LogChunk(build=build, seq=seq, log=log, time=stamp)
+    )
+
+
+@given(st.floats(min_value=0, max_value=2**34, allow_nan=False))
+def test_a_chunks_time_is_the_wires_time_format(t: float) -> None:
+    from citron_protocol._state import rfc3339
+    from citron_protocol.codec import log_time
+
+    assert log_time(t) == rfc3339(t)
 
 
 def test_repair_reads_pairs_left_to_right() -> None:

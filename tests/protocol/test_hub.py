@@ -1270,3 +1270,25 @@ def test_a_result_records_the_commit_and_the_exit_code(h: Harness) -> None:
     for bad in ('"exit_code": "3"', '"exit_code": true', '"commit": 7', '"exit_code": 4294967296'):
         (error,) = h.send(r, f'RUNNER:process:{{"finished": true, "success": true, {bad}}}')
         assert error.code == "invalid_payload", bad
+
+
+def test_each_chunk_carries_when_it_was_received(h: Harness) -> None:
+    from citron_protocol.codec import log_time
+
+    r = h.runner()
+    api = h.connect([Role.API])
+    build = h.submit(api)
+    h.recv(r)
+    live = h.connect([Role.WEB])
+    h.send(live, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    h.recv(live)
+    received = h.now
+    h.send(r, 'RUNNER:process:{"finished": false, "log": "first\\n"}')
+    (chunk,) = [m for m in h.recv(live) if m.COMMAND == "log"]
+    assert chunk.time == log_time(received)
+    assert h.store.logs[build][0].time == received
+    h.now += 61.25
+    late = h.connect([Role.WEB])  # a replay, from the store: the same time
+    got = h.send(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}') + h.recv(late)
+    (replayed,) = [m for m in got if m.COMMAND == "log"]
+    assert replayed.time == chunk.time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -96,8 +97,9 @@ def test_a_port_in_use(server_factory: ServerFactory, tmp_path: Path) -> None:
     server = server_factory()
     old = tmp_path / "old.db"
     old.write_bytes((server.workdir / "citron.db").read_bytes())  # schema 2, but say v1:
-    with sqlite3.connect(old) as db:
+    with contextlib.closing(sqlite3.connect(old)) as db:  # (closed: its WAL written back)
         db.execute("PRAGMA user_version = 1")
+        db.commit()
     before = old.read_bytes()
     for db in (tmp_path / "new.db", old):
         result = run("--port", str(server.port), "--db", str(db), cwd=tmp_path)

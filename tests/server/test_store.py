@@ -29,7 +29,15 @@ def build(number: int = 1, state: BuildState = BuildState.RUNNING) -> BuildRecor
 
 
 def chunk(seq: int, run_seq: int | None = None) -> LogRecord:
-    return LogRecord(build="b1", seq=seq, log=f"line {seq}\n", attempt=1, run_seq=run_seq, size=7)
+    return LogRecord(
+        build="b1",
+        seq=seq,
+        log=f"line {seq}\n",
+        attempt=1,
+        run_seq=run_seq,
+        size=7,
+        time=100.5 + seq,
+    )
 
 
 async def test_reads_see_writes_and_counters_come_from_chunks(tmp_path: Path) -> None:
@@ -37,11 +45,11 @@ async def test_reads_see_writes_and_counters_come_from_chunks(tmp_path: Path) ->
     await store.open()
     store.write([build(), chunk(1, 1), chunk(2, 2), chunk(3, None)])
     assert await store.read_log("b1", 0, 3, 10) == [
-        (1, "line 1\n"),
-        (2, "line 2\n"),
-        (3, "line 3\n"),
+        (1, "line 1\n", 101.5),
+        (2, "line 2\n", 102.5),
+        (3, "line 3\n", 103.5),
     ]
-    assert await store.read_log("b1", 1, 3, 1) == [(2, "line 2\n")]
+    assert await store.read_log("b1", 1, 3, 1) == [(2, "line 2\n", 102.5)]
     (loaded,) = await store.load_builds()
     assert (loaded.log_seq, loaded.log_bytes, loaded.run_seq) == (3, 21, 2)
     assert loaded.secret_names == ("TOKEN",)
@@ -182,7 +190,7 @@ async def test_a_schema_1_database_is_upgraded(tmp_path: Path) -> None:
     assert await store.find_builds(FindBuilds(request=1, conn=1, build="b1")) is None
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
 
 
@@ -209,3 +217,22 @@ async def test_a_record_that_does_not_read_back_is_a_store_error_and_the_store_g
     )
     assert b2.id == "b2" and await store.max_number() == 2
     await store.close()
+
+
+async def test_chunks_stored_before_times_were_kept_read_back_without_one(tmp_path: Path) -> None:
+    """A schema 2 database (no time column) is migrated: its chunks read
+    back with time None, new ones with theirs."""
+    path = tmp_path / "c.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    store.write([build(), chunk(1, 1)])
+    await store.close()
+    with sqlite3.connect(path) as db:  # back to schema 2: the chunk's time unknown
+        db.execute("UPDATE log_chunks SET time = NULL")
+        db.execute("ALTER TABLE log_chunks DROP COLUMN time")
+        db.execute("PRAGMA user_version = 2")
+    again = SqliteStore(str(path))
+    await again.open()
+    again.write([chunk(2, 2)])
+    assert await again.read_log("b1", 0, 2, 10) == [(1, "line 1\n", None), (2, "line 2\n", 102.5)]
+    await again.close()

@@ -170,6 +170,13 @@ function time(rfc3339) {
   return rfc3339 ? new Date(rfc3339).toLocaleString() : "-";
 }
 
+// A line's time as the reader's clock shows it: HH:MM:SS.mmm.
+function clock(rfc3339) {
+  const d = new Date(rfc3339);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
 function duration(build) {
   if (!build.started) return "-";
   const end = build.finished ? new Date(build.finished) : new Date();
@@ -343,9 +350,19 @@ class Terminal {
     this.style = PLAIN;
     this.pending = ""; // an escape sequence cut between two chunks
     this.sections = []; // {title, start, end (null: open to the end), open (null: default)}
+    this.times = []; // per finished line: when its first text was received (or null)
+    this.time = null;
+    this.lineTime = undefined;
   }
 
-  write(text) {
+  stamp(i) {
+    return i < this.times.length ? this.times[i] : (this.lineTime ?? this.time);
+  }
+
+  // ``time``: when the server received this text (RFC 3339, or null); a
+  // line is stamped with the time of the chunk that began it.
+  write(text, time = null) {
+    this.time = time;
     text = this.pending + text;
     this.pending = "";
     let i = 0;
@@ -367,14 +384,19 @@ class Terminal {
         continue;
       }
       if (ch === "\n") {
-        if (!this.marker()) this.lines.push(this.segments());
+        if (!this.marker()) {
+          this.lines.push(this.segments());
+          this.times.push(this.lineTime ?? this.time);
+        }
         this.cells = [];
         this.col = 0;
+        this.lineTime = undefined;
       } else if (ch === "\r") {
         this.col = 0;
       } else if (ch === "\b") {
         this.col = Math.max(0, this.col - 1);
       } else {
+        if (this.lineTime === undefined) this.lineTime = this.time;
         this.cells[this.col++] = [ch, this.style];
       }
       i++;
@@ -449,6 +471,7 @@ class LogView {
     this.target = target;
     this.lineHeight = 18;
     this.state = null; // the build's state, for which section opens by default
+    this.timestamps = localStorage.getItem("citron-timestamps") === "on";
     this.box = el("div", { class: "log", id: "log", tabindex: "0" });
     this.spacer = el("div", { class: "spacer" });
     this.rows = el("div", { class: "lines" });
@@ -464,8 +487,8 @@ class LogView {
     });
   }
 
-  write(text) {
-    this.term.write(text);
+  write(text, time = null) {
+    this.term.write(text, time);
     this.schedule();
   }
 
@@ -576,6 +599,10 @@ class LogView {
     const number = i + 1;
     const row = el("div", { class: number === this.target ? `${cls} target` : cls, "data-line": String(number) },
       el("a", { class: "ln", href: `#/builds/${encodeURIComponent(this.buildId)}/${number}` }, number));
+    if (this.timestamps) {
+      const stamp = this.term.stamp(i);
+      row.append(el("span", { class: "ts", title: stamp ?? "" }, stamp ? clock(stamp) : "        "));
+    }
     for (const [text, style] of this.term.line(i)) row.append(styledSpan(text, style));
     return row;
   }
@@ -603,7 +630,9 @@ class BuildView {
       el("h1", {}, "Build ", el("span", { id: "build-id" }, id)),
       this.banner,
       this.facts,
-      el("p", { class: "actions" }, el("a", { id: "raw-log", href: raw, target: "_blank", rel: "noopener" }, "Raw log")),
+      el("p", { class: "actions" },
+        el("a", { id: "raw-log", href: raw, target: "_blank", rel: "noopener" }, "Raw log"),
+        this.timestampToggle()),
       this.log.box,
       this.log.follow,
     );
@@ -623,10 +652,21 @@ class BuildView {
     if (command === "log" && payload.build === this.id) {
       if (payload.seq <= this.seq) return; // already shown
       this.seq = payload.seq;
-      this.log.write(payload.log);
+      this.log.write(payload.log, payload.time ?? null);
     } else if (command === "state" && payload.id === this.id) {
       this.show(payload);
     }
+  }
+
+  timestampToggle() {
+    const box = el("input", { type: "checkbox", id: "timestamps" });
+    box.checked = this.log.timestamps;
+    box.onchange = () => {
+      this.log.timestamps = box.checked;
+      localStorage.setItem("citron-timestamps", box.checked ? "on" : "off");
+      this.log.schedule();
+    };
+    return el("label", { class: "toggle" }, box, " Timestamps");
   }
 
   // What failed, where: the failing section's title (the script line, as
