@@ -85,13 +85,12 @@ def _pairs(values: list[str] | None, what: str) -> dict[str, str] | None:
     return out
 
 
-def _url_option(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    if positional:
-        p.add_argument(
-            "url",
-            nargs="?",
-            help="the server's URL (or --url); several, comma-separated: tried in turn",
-        )
+def _url_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "url",
+        nargs="?",
+        help="the server's URL (or --url); several, comma-separated: tried in turn",
+    )
     p.add_argument(
         "--url",
         "-u",
@@ -105,12 +104,9 @@ def _url_option(p: argparse.ArgumentParser, positional: bool = True) -> None:
 def resolve_urls(args: argparse.Namespace) -> list[str]:
     """The server's URLs from the command line, ``$CITRON_URL`` or the
     default; a malformed or misplaced one is a UsageError."""
-    for name in ("build",):
-        value = getattr(args, name, None)
-        if isinstance(value, str) and "://" in value:
-            raise UsageError(
-                f"{value!r} is where the {name} id goes: give the URL first, or with --url"
-            )
+    build = getattr(args, "build", None)
+    if isinstance(build, str) and "://" in build:
+        raise UsageError(f"{build!r} is where the build id goes: give the URL first, or with --url")
     given = getattr(args, "url", None)
     if given and args.url_option:
         raise UsageError("the server URL is given twice: as an argument and with --url")
@@ -348,7 +344,10 @@ async def _follow(client: Client, build: str, out: Output, *, hint: bool = False
         async for event in client.follow(build):
             if isinstance(event, LogChunk):
                 if out.as_json:
-                    print(json.dumps({"seq": event.seq, "log": event.log, "time": event.time}), flush=True)
+                    print(
+                        json.dumps({"seq": event.seq, "log": event.log, "time": event.time}),
+                        flush=True,
+                    )
                 else:
                     sys.stdout.write(event.log)
                     sys.stdout.flush()

@@ -192,8 +192,8 @@ class WebsocketsTransport(BaseTransport):
     ) -> Response:
         """GET /builds/ID/log. websockets sends a response whole, so the log
         is held in memory until the reader has taken it: the bytes so held
-        are bounded (``_raw_budget``), and a reader that does not take them
-        within RAW_LOG_SEND_TIMEOUT is cut off."""
+        are bounded (RAW_LOG_BUDGET, or twice ``--log-cap``), and a reader
+        that does not take them within RAW_LOG_SEND_TIMEOUT is cut off."""
         size = await self.raw_log_size(
             build,
             authorization=headers.get_all("Authorization"),
@@ -215,10 +215,12 @@ class WebsocketsTransport(BaseTransport):
         except StoreError:
             self._raw_held -= size
             return _refused(Refusal(503, "unavailable: the store cannot be read now"))
-        task = asyncio.create_task(self._release_raw(connection, size))
+        body = b"".join(page.encode("utf-8", "surrogatepass") for page in pages)
+        del pages
+        self._raw_held += len(body) - size  # (a running build's log grew meanwhile)
+        task = asyncio.create_task(self._release_raw(connection, len(body)))
         self._raw_tasks.add(task)
         task.add_done_callback(self._raw_tasks.discard)
-        body = "".join(pages).encode("utf-8", "surrogatepass")
         extra = {k: v for k, v in RAW_LOG_HEADERS.items() if k != "Content-Type"}
         return _response(200, body, RAW_LOG_HEADERS["Content-Type"], extra)
 
