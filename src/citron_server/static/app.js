@@ -28,6 +28,7 @@ class Connection {
     setStatus("connecting", "connecting…");
     ws.onopen = () => {
       opened = true;
+      this.everOpened = true;
       this.delay = 500;
       setStatus("open", "live");
       notice(null);
@@ -47,8 +48,9 @@ class Connection {
         return;
       }
       // A browser does not say why a handshake failed: a plain GET of /ws
-      // answers 401 when it is the token.
-      if (!opened && (await this.refused(query))) {
+      // answers 401 when it is the token. (Once connected, a later failure
+      // is the server going away: no need to ask.)
+      if (!opened && !this.everOpened && (await this.refused(query))) {
         setStatus("closed", "a token is needed");
         askToken(token ? "The server refused this token." : "This server needs a token to read.");
         return;
@@ -123,6 +125,7 @@ function askToken(why) {
     if (!input.value) return;
     token = input.value;
     sessionStorage.setItem("citron-token", token);
+    conn.everOpened = false; // a new token: ask again if it is refused
     notice(null);
     conn.connect();
   };
