@@ -729,9 +729,15 @@ def log_time(t: float) -> str:
     """Seconds since the epoch as RFC 3339 UTC with milliseconds, as every
     time of the wire: a chunk's ``time``. One call per chunk: the part up to
     the second is cached."""
-    second = math.floor(t)
-    millis = min(int((t - second) * 1000), 999)
-    return f"{_second(second)}.{millis:03d}Z"
+    # As datetime.fromtimestamp does it: microseconds rounded half to even,
+    # then cut to milliseconds (1.9 is 1.900, not 1.899...).
+    fraction, whole = math.modf(t)
+    second, micros = int(whole), round(fraction * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{_second(second)}.{micros // 1000:03d}Z"
 
 
 def as_data(value: Any) -> Any:
