@@ -335,11 +335,58 @@ def _runner_rows(runners: Sequence[RunnerInfo]) -> list[list[str]]:
 # -- commands -----------------------------------------------------------------------
 
 
+class SectionText:
+    """A log as text for a terminal: the section markers a runner writes
+    (``::group::TITLE``, ``::endgroup::``; docs/protocol.md 5.8) become the
+    title alone, and the end marker nothing. Text that cannot be the start
+    of a marker is passed on at once, so live output stays live."""
+
+    MARKERS = ("::group::", "::endgroup::")
+
+    def __init__(self) -> None:
+        self._held = ""  # the start of a line that may be a marker
+        self._at_start = True  # the next text begins a line
+
+    def feed(self, text: str) -> str:
+        text, self._held = self._held + text, ""
+        out = []
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start)
+            line = text[start:] if end < 0 else text[start : end + 1]
+            if not self._at_start:  # the rest of a line already begun: as it is
+                out.append(line)
+            elif end < 0 and self._maybe_marker(line):
+                self._held = line  # wait for the rest of the line
+                break
+            else:
+                out.append(self._shown(line))
+            start += len(line)
+            self._at_start = line.endswith("\n")
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return self._shown(held)
+
+    def _maybe_marker(self, line: str) -> bool:
+        return any(m.startswith(line) or line.startswith(m) for m in self.MARKERS)
+
+    @staticmethod
+    def _shown(line: str) -> str:
+        if line.startswith("::group::"):
+            return line[len("::group::") :]
+        if line.rstrip("\n") == "::endgroup::":
+            return ""
+        return line
+
+
 async def _follow(client: Client, build: str, out: Output, *, hint: bool = False) -> BuildInfo:
     """Print the build's log until it ends; its last state. With ``hint``,
     say on stderr when it stays queued with no runner that could take it."""
     latest: list[BuildInfo] = []
     watcher = asyncio.create_task(_queued_hint(client, build, latest)) if hint else None
+    text = SectionText()
     try:
         async for event in client.follow(build):
             if isinstance(event, LogChunk):
@@ -349,13 +396,16 @@ async def _follow(client: Client, build: str, out: Output, *, hint: bool = False
                         flush=True,
                     )
                 else:
-                    sys.stdout.write(event.log)
+                    sys.stdout.write(text.feed(event.log))
                     sys.stdout.flush()
             else:
                 latest.append(event.build)
     finally:
         if watcher is not None:
             watcher.cancel()
+    if not out.as_json:
+        sys.stdout.write(text.flush())
+        sys.stdout.flush()
     assert latest
     return latest[-1]
 
@@ -603,14 +653,17 @@ async def _print_stored(client: Client, info: BuildInfo, out: Output) -> None:
     """Print the log as stored now, without waiting for the build to end."""
     if info.log_seq == 0:
         return
+    text = SectionText()
     async for event in client.follow(info.id):
         if isinstance(event, LogChunk):
             if out.as_json:
                 print(json.dumps({"seq": event.seq, "log": event.log, "time": event.time}))
             else:
-                sys.stdout.write(event.log)
+                sys.stdout.write(text.feed(event.log))
             if event.seq >= info.log_seq:
                 break
+    if not out.as_json:
+        sys.stdout.write(text.flush())
     sys.stdout.flush()
 
 

@@ -432,7 +432,10 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {target}")
         db.execute("COMMIT")
-        log.info("database migrated to schema version %d", target)
+        if version > 0:  # (a new database is simply made: one line below)
+            log.info("database migrated to schema version %d", target)
+    if version == 0:
+        log.info("database created (schema version %d)", SCHEMA_VERSION)
     if version < 2 and int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
         # A database made before version 2: rewrite it once so that the
         # space retention frees goes back to the file system.
