@@ -387,6 +387,12 @@ async def test_snapshots_keep_the_stream_short_and_late_nodes_whole(
     # The late node dispatches like the others.
     r2 = await runner(late.url)
     await r.close()
+    # Once every node knows the first runner left (else the build may go to
+    # it, and wait out its lost grace): submit.
+    for _ in range(200):
+        if len((await ask(api, "API:get_runners:")).runners) == 1:
+            break
+        await asyncio.sleep(0.05)
     build = await submit(api)
     assert (await expect(r2, "run")).build == build
 
