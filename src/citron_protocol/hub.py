@@ -1303,7 +1303,7 @@ class Hub:
         """Protocol 2: tell the runner, once durable, that its chunks up to
         ``seq`` are stored, or (no ``seq``) its result is. The host sends the
         last of these per build and kind."""
-        if c.runner is None or c.runner.init.protocol < 2:
+        if c.runner is None or _spoken(c.runner.init) < 2:
             return
         ack = Ack(build=build.id, seq=seq, finished=seq is None)
         self._fx.acks.append(

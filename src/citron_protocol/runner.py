@@ -264,7 +264,9 @@ class RunnerProtocol:
             return
         if ack.seq is None:
             return
-        upto = min(ack.seq, self._base + len(self._chunks))
+        # Never past what was sent on this connection: a server that
+        # acknowledges more than it got cannot make the runner forget it.
+        upto = min(ack.seq, self._sent)
         if upto > self._base:
             dropped = self._chunks[: upto - self._base]
             del self._chunks[: upto - self._base]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from citron_protocol import (
@@ -262,13 +264,18 @@ def test_shutdown_while_idle_closes() -> None:
         proto.receive('run:{"build": "b-1", "repo": "r", "script": ["x"]}')
 
 
-def test_a_protocol_2_runner_keeps_only_what_is_not_acknowledged() -> None:
+def running_pair() -> tuple[Harness, Pair, str]:
+    """A protocol 2 runner on a hub, running a build just submitted."""
     h = Harness()
     pair = Pair(h, RunnerProtocol(type="simple"))
     pair.open()
-    api = h.connect()
-    build = h.submit(api)
+    build = h.submit(h.connect())
     pair.pump()
+    return h, pair, build
+
+
+def test_a_protocol_2_runner_keeps_only_what_is_not_acknowledged() -> None:
+    h, pair, build = running_pair()
     proto = pair.proto
     assert proto.acks and proto.build is not None
     most = 0
@@ -283,12 +290,7 @@ def test_a_protocol_2_runner_keeps_only_what_is_not_acknowledged() -> None:
 
 
 def test_a_protocol_2_resume_resends_from_what_was_acknowledged() -> None:
-    h = Harness()
-    pair = Pair(h, RunnerProtocol(type="simple"))
-    pair.open()
-    api = h.connect()
-    build = h.submit(api)
-    pair.pump()
+    h, pair, build = running_pair()
     proto = pair.proto
     proto.log("one\n")
     pair.pump()  # stored and acknowledged: forgotten
@@ -303,3 +305,25 @@ def test_a_protocol_2_resume_resends_from_what_was_acknowledged() -> None:
     pair.pump()
     assert h.log_of(build) == [(1, "one\n"), (2, "two\n"), (3, "three\n")]
     assert proto.unacknowledged == 0
+
+
+def test_an_ack_for_what_was_not_sent_forgets_nothing() -> None:
+    """A server that acknowledges chunks it was not sent (on this
+    connection) cannot make the runner drop them."""
+    proto = RunnerProtocol(type="simple")
+    proto.connect()
+    proto.receive('ready:{"runner": "r-1", "protocol": 2, "session": "s"}')
+    proto.receive('run:{"build": "b-1", "repo": "r", "script": ["x"]}')
+    proto.log("one\n")
+    proto.log("two\n")
+    proto.connection_lost()
+    proto.connect()  # nothing sent on this connection yet
+    proto.receive('ack:{"build": "b-1", "seq": 2}')
+    assert proto.unacknowledged == len("one\ntwo\n")
+    proto.data_to_send()
+    proto.receive(
+        'ready:{"runner": "r-2", "protocol": 2, "session": "s2",'
+        ' "resume": {"build": "b-1", "seq": 0}}'
+    )
+    sent = proto.data_to_send()
+    assert [json.loads(f.split(":", 2)[2])["seq"] for f in sent] == [1, 2]
