@@ -44,7 +44,7 @@ from .connection import (
     RequestError,
     TrustError,
     UrlError,
-    server_urls,
+    choose_urls,
 )
 from .wire import Wire
 
@@ -107,21 +107,10 @@ def resolve_urls(args: argparse.Namespace) -> list[str]:
     build = getattr(args, "build", None)
     if isinstance(build, str) and "://" in build:
         raise UsageError(f"{build!r} is where the build id goes: give the URL first, or with --url")
-    given = getattr(args, "url", None)
-    if given and args.url_option:
-        raise UsageError("the server URL is given twice: as an argument and with --url")
-    if given:
-        source, text = "", given
-    elif args.url_option:
-        source, text = "--url: ", args.url_option
-    elif os.environ.get("CITRON_URL"):
-        source, text = "$CITRON_URL: ", os.environ["CITRON_URL"]
-    else:
-        source, text = "", DEFAULT_URL
     try:
-        return server_urls(text)
+        return choose_urls(getattr(args, "url", None), args.url_option, os.environ)
     except UrlError as exc:
-        raise UsageError(f"{source}{exc}") from None
+        raise UsageError(str(exc)) from None
 
 
 def _ca_option(p: argparse.ArgumentParser) -> None:

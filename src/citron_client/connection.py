@@ -7,7 +7,7 @@ import functools
 import random
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
@@ -26,6 +26,7 @@ __all__ = [
     "open_any",
     "open_connection",
     "tls_context",
+    "choose_urls",
     "server_urls",
     "websocket_url",
 ]
@@ -99,6 +100,26 @@ def server_urls(text: str) -> list[str]:
     if not urls:
         raise UrlError("no server URL given")
     return urls
+
+
+def choose_urls(given: str | None, option: str | None, environ: Mapping[str, str]) -> list[str]:
+    """The server's URLs, from the first of: the command's argument,
+    ``--url``, ``$CITRON_URL``, :data:`DEFAULT_URL`. Raises
+    :class:`UrlError`, naming where a bad one came from, or when both the
+    argument and ``--url`` are given."""
+    if given and option:
+        raise UrlError("the server URL is given twice: as an argument and with --url")
+    for source, text in (
+        ("", given),
+        ("--url: ", option),
+        ("$CITRON_URL: ", environ.get("CITRON_URL")),
+    ):
+        if text:
+            try:
+                return server_urls(text)
+            except UrlError as exc:
+                raise UrlError(f"{source}{exc}") from None
+    return server_urls(DEFAULT_URL)
 
 
 @functools.cache

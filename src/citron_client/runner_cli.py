@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .connection import DEFAULT_URL, AuthError, ConnectError, TrustError, UrlError, server_urls
+from .connection import DEFAULT_URL, AuthError, ConnectError, TrustError, UrlError, choose_urls
 from .runner import RunnerHost
 from .simple import SimpleRunner
 
@@ -92,9 +92,8 @@ def build_parser() -> _Parser:
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, urls: list[str]) -> int:
     hosts = []
-    urls = _urls(args)
     for i in range(args.spawn):
         name = args.name if args.spawn == 1 or not args.name else f"{args.name}-{i + 1}"
         runner = SimpleRunner(type=args.type, name=name, workdir=args.workdir, keep=args.keep)
@@ -133,16 +132,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _urls(args: argparse.Namespace) -> list[str]:
-    if args.url and args.url_option:
-        raise UrlError("the server URL is given twice: as an argument and with --url")
-    text = ",".join(args.url) or args.url_option or os.environ.get("CITRON_URL") or DEFAULT_URL
-    return server_urls(text)
+    return choose_urls(",".join(args.url) or None, args.url_option, os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _urls(args)
+        urls = _urls(args)
     except UrlError as exc:
         print(f"citron-runner: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -151,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return asyncio.run(_serve(args))
+    return asyncio.run(_serve(args, urls))
 
 
 if __name__ == "__main__":
