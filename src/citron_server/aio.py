@@ -20,7 +20,7 @@ from .store import StoreError
 from .transport import (
     HANDSHAKE_TIMEOUT,
     RAW_LOG_HEADERS,
-    RAW_LOG_SEND_TIMEOUT,
+    RAW_LOG_SLICE,
     BaseTransport,
     library_level,
     raw_log_build,
@@ -284,9 +284,9 @@ class AiohttpTransport(BaseTransport):
         return await handler(request)
 
     async def _raw_log(self, request: web.Request) -> web.StreamResponse:
-        """GET /builds/ID/log, streamed a page at a time: a reader that
-        stops reading holds one page, and is cut off after
-        RAW_LOG_SEND_TIMEOUT."""
+        """GET /builds/ID/log, streamed a slice at a time: a reader holds at
+        most a page read from the store, and one that takes nothing for
+        ``--send-timeout`` is cut off."""
         build = raw_log_build(request.rel_url.raw_path)
         assert build is not None
         size = await self.raw_log_size(
@@ -296,19 +296,29 @@ class AiohttpTransport(BaseTransport):
         )
         if isinstance(size, Refusal):
             return _refused(size)
-        response = web.StreamResponse(headers=RAW_LOG_HEADERS)
-        await response.prepare(request)
+        self.raw_readers += 1
         try:
+            response = web.StreamResponse(headers=RAW_LOG_HEADERS)
+            await response.prepare(request)
             async for page in self.host.log_pages(build):
-                async with asyncio.timeout(RAW_LOG_SEND_TIMEOUT):
-                    await response.write(page.encode("utf-8", "surrogatepass"))
+                data = page.encode("utf-8", "surrogatepass")
+                for at in range(0, len(data), RAW_LOG_SLICE):
+                    async with asyncio.timeout(self.settings.send_timeout):
+                        await response.write(data[at : at + RAW_LOG_SLICE])
+            await response.write_eof()
+            return response
+        except ConnectionError:
+            log.debug("GET /builds/%s/log: the reader went away", build)
+            return response
         except (StoreError, TimeoutError) as exc:
-            log.warning("GET /builds/%s/log cut short: %s", build, exc or "the reader stalled")
+            log.info(
+                "GET /builds/%s/log cut short: %s", build, str(exc) or "the reader took nothing"
+            )
             if request.transport is not None:
                 request.transport.abort()  # the reader sees a short, failed response
             return response
-        await response.write_eof()
-        return response
+        finally:
+            self.raw_readers -= 1
 
     async def _healthz(self, request: web.Request) -> web.Response:
         body = health(self.host)

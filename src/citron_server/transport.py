@@ -20,7 +20,9 @@ from .store import StoreError
 __all__ = [
     "HANDSHAKE_TIMEOUT",
     "RAW_LOG_HEADERS",
-    "RAW_LOG_SEND_TIMEOUT",
+    "RAW_LOG_READERS",
+    "RAW_LOG_SLICE",
+    "BUSY",
     "BaseTransport",
     "library_level",
     "raw_log_build",
@@ -37,11 +39,18 @@ RAW_LOG_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-#: Seconds a reader of GET /builds/ID/log has to take the log (or each
-#: page of it): a reader that stops reading is cut off, and what was held
-#: for it let go.
-RAW_LOG_SEND_TIMEOUT = 60.0
+#: Raw logs (GET /builds/ID/log) sent at once; past it, 503. A reader
+#: that takes nothing for ``--send-timeout`` is cut off, and its place and
+#: what was held for it let go.
+RAW_LOG_READERS = 16
+#: Bytes written at once to a raw log's reader (each must be taken within
+#: ``--send-timeout``).
+RAW_LOG_SLICE = 64 * 1024
 _RAW_LOG = re.compile(r"/builds/([^/]+)/log")
+
+
+#: The answer while as many raw logs as may be are being sent.
+BUSY = Refusal(503, "busy: other raw logs are being sent, try again in a few seconds")
 
 
 def raw_log_build(path: str) -> str | None:
@@ -73,6 +82,7 @@ class BaseTransport:
     ) -> None:
         self.host, self.gate, self.metrics, self.settings = host, gate, metrics, settings
         self.tls = tls
+        self.raw_readers = 0  # raw logs being sent (RAW_LOG_READERS at most)
 
     def admit(
         self,
@@ -109,4 +119,6 @@ class BaseTransport:
             return Refusal(503, "unavailable: the store cannot be read now, try again later")
         if size is None:
             return Refusal(404, f"not found: no build {build!r}")
+        if self.raw_readers >= RAW_LOG_READERS:
+            return BUSY
         return size

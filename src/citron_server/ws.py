@@ -23,9 +23,9 @@ from .security import Refusal
 from .static import HEADERS, static_file
 from .store import StoreError
 from .transport import (
+    BUSY,
     HANDSHAKE_TIMEOUT,
     RAW_LOG_HEADERS,
-    RAW_LOG_SEND_TIMEOUT,
     BaseTransport,
     library_level,
     raw_log_build,
@@ -34,6 +34,8 @@ from .transport import (
 #: Bytes of raw logs (GET /builds/ID/log) held at once for their readers
 #: (at least twice --log-cap, so that any one log can be served).
 RAW_LOG_BUDGET = 128 * 1024 * 1024
+
+log = logging.getLogger("citron.server")
 
 __all__ = ["WebsocketsTransport"]
 
@@ -192,8 +194,9 @@ class WebsocketsTransport(BaseTransport):
     ) -> Response:
         """GET /builds/ID/log. websockets sends a response whole, so the log
         is held in memory until the reader has taken it: the bytes so held
-        are bounded (RAW_LOG_BUDGET, or twice ``--log-cap``), and a reader
-        that does not take them within RAW_LOG_SEND_TIMEOUT is cut off."""
+        are bounded (RAW_LOG_BUDGET, or twice ``--log-cap``), so are the
+        readers (RAW_LOG_READERS), and a reader that takes nothing for
+        ``--send-timeout`` is cut off."""
         size = await self.raw_log_size(
             build,
             authorization=headers.get_all("Authorization"),
@@ -203,34 +206,45 @@ class WebsocketsTransport(BaseTransport):
             return _refused(size)
         budget = max(RAW_LOG_BUDGET, 2 * self.settings.log_cap)
         if self._raw_held + size > budget:
-            return _response(
-                503,
-                b"busy: other raw logs are being sent, try again in a few seconds\n",
-                "text/plain; charset=utf-8",
-                {"Retry-After": "5"},
-            )
+            return _refused(BUSY)
         self._raw_held += size
+        self.raw_readers += 1
         try:
             pages = [page async for page in self.host.log_pages(build)]
         except StoreError:
             self._raw_held -= size
+            self.raw_readers -= 1
             return _refused(Refusal(503, "unavailable: the store cannot be read now"))
         body = b"".join(page.encode("utf-8", "surrogatepass") for page in pages)
         del pages
         self._raw_held += len(body) - size  # (a running build's log grew meanwhile)
-        task = asyncio.create_task(self._release_raw(connection, len(body)))
+        task = asyncio.create_task(self._release_raw(connection, build, len(body)))
         self._raw_tasks.add(task)
         task.add_done_callback(self._raw_tasks.discard)
         extra = {k: v for k, v in RAW_LOG_HEADERS.items() if k != "Content-Type"}
         return _response(200, body, RAW_LOG_HEADERS["Content-Type"], extra)
 
-    async def _release_raw(self, connection: ServerConnection, size: int) -> None:
+    async def _release_raw(self, connection: ServerConnection, build: str, size: int) -> None:
+        """Once the reader has taken the log (the connection closed), let go
+        of it; cut off a reader that takes nothing for ``--send-timeout``."""
+        transport = connection.transport
+        closed = asyncio.ensure_future(connection.wait_closed())
+        still, since = -1, asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(connection.wait_closed(), RAW_LOG_SEND_TIMEOUT)
-        except TimeoutError:
-            connection.transport.abort()  # a reader that does not read
+            while not closed.done():
+                await asyncio.wait({closed}, timeout=min(1.0, self.settings.send_timeout / 4))
+                left = transport.get_write_buffer_size()
+                now = asyncio.get_running_loop().time()
+                if left != still:
+                    still, since = left, now  # it took some: it reads
+                elif now - since >= self.settings.send_timeout:
+                    log.info("GET /builds/%s/log cut short: the reader took nothing", build)
+                    transport.abort()
+                    break
         finally:
+            closed.cancel()
             self._raw_held -= size
+            self.raw_readers -= 1
 
     async def _handler(self, ws: ServerConnection) -> None:
         roles = self._roles.pop(ws, frozenset())

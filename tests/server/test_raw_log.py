@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -90,3 +92,46 @@ async def test_a_build_without_log_is_empty(server_factory: ServerFactory) -> No
     build = await submit(api)
     status, _, body = await asyncio.to_thread(get, server, f"/builds/{build}/log")
     assert (status, body) == (200, b"")
+
+
+def stalled_reader(port: int, path: str) -> socket.socket:
+    """A client that asks for ``path`` and never reads (a tiny receive
+    buffer, so that the server's writes back up at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    return sock
+
+
+def status_of(port: int, path: str) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        return int(sock.recv(64).split()[1])
+
+
+async def test_readers_that_never_read_are_bounded_and_cut_off(
+    server_factory: ServerFactory,
+) -> None:
+    """Raw logs of 16 MiB to readers that take nothing: past 16 readers (or
+    the websockets transport's byte budget) the next is told 503; within
+    --send-timeout the stalled ones are cut off and their places freed."""
+    server = server_factory("--send-timeout", "3")
+    chunk = "y" * (64 * 1024 - 1) + "\n"
+    build = await run_build(server, [chunk] * 256, token="")
+    path = f"/builds/{build}/log"
+    stalled = []
+    try:
+        stalled = [stalled_reader(server.port, path) for _ in range(16)]
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(status_of, server.port, path) == 503
+        started = time.monotonic()
+        while await asyncio.to_thread(status_of, server.port, path) == 503:
+            assert time.monotonic() - started < 3 + 5, "stalled readers were never cut off"
+            await asyncio.sleep(0.2)
+        code, _, body = await asyncio.to_thread(get, server, path)
+        assert code == 200 and len(body) == 256 * 64 * 1024
+        assert "cut short: the reader took nothing" in server.log()
+    finally:
+        for sock in stalled:
+            sock.close()
