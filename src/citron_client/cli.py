@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo
 from citron_protocol._extras import MissingExtra, need
 from citron_protocol.codec import as_data
+from citron_protocol.sections import SectionText
 
 from .api import Client
 from .connection import (
@@ -322,52 +323,6 @@ def _runner_rows(runners: Sequence[RunnerInfo]) -> list[list[str]]:
 
 
 # -- commands -----------------------------------------------------------------------
-
-
-class SectionText:
-    """A log as text for a terminal: the section markers a runner writes
-    (``::group::TITLE``, ``::endgroup::``; docs/protocol.md 5.8) become the
-    title alone, and the end marker nothing. Text that cannot be the start
-    of a marker is passed on at once, so live output stays live."""
-
-    MARKERS = ("::group::", "::endgroup::")
-
-    def __init__(self) -> None:
-        self._held = ""  # the start of a line that may be a marker
-        self._at_start = True  # the next text begins a line
-
-    def feed(self, text: str) -> str:
-        text, self._held = self._held + text, ""
-        out = []
-        start = 0
-        while start < len(text):
-            end = text.find("\n", start)
-            line = text[start:] if end < 0 else text[start : end + 1]
-            if not self._at_start:  # the rest of a line already begun: as it is
-                out.append(line)
-            elif end < 0 and self._maybe_marker(line):
-                self._held = line  # wait for the rest of the line
-                break
-            else:
-                out.append(self._shown(line))
-            start += len(line)
-            self._at_start = line.endswith("\n")
-        return "".join(out)
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return self._shown(held)
-
-    def _maybe_marker(self, line: str) -> bool:
-        return any(m.startswith(line) or line.startswith(m) for m in self.MARKERS)
-
-    @staticmethod
-    def _shown(line: str) -> str:
-        if line.startswith("::group::"):
-            return line[len("::group::") :]
-        if line.rstrip("\n") == "::endgroup::":
-            return ""
-        return line
 
 
 async def _follow(client: Client, build: str, out: Output, *, hint: bool = False) -> BuildInfo:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from citron_protocol import Run
+from citron_protocol.sections import section_line
 
 from .runner import BuildContext, Runner
 
@@ -45,14 +46,6 @@ def _split_utf8(text: str, limit: int) -> tuple[str, str]:
         return text, ""
     head = text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore")
     return head, text[len(head) :]
-
-
-def section(title: str) -> str:
-    """The log line that starts a section titled ``title`` (one line: a
-    multi-line script line is named by its first line), as docs/protocol.md
-    "Log sections" has it; the dashboard folds the log by them."""
-    first, _, rest = title.partition("\n")
-    return f"::group::{first}{' …' if rest else ''}\n"
 
 
 async def _head(checkout: str, env: dict[str, str]) -> str | None:
@@ -116,7 +109,7 @@ class SimpleRunner(Runner):
             for i, (echo, argv, cwd) in enumerate(steps):
                 if i == checked_out:
                     ctx.commit = await _head(checkout, env)
-                ctx.log(section(echo))
+                ctx.log(section_line(echo))
                 code = await self._step(argv, cwd, env, ctx, deadline, groups)
                 if code != 0:
                     ctx.exit_code = code

@@ -16,6 +16,8 @@ rest lives in documented submodules:
 - :mod:`~citron_protocol.runner`: the runner's state machine;
 - :mod:`~citron_protocol.client`: request matching and following a log, for
   backends and fronts;
+- :mod:`~citron_protocol.sections`: the log's section markers, to write them
+  (a runner) or show them (a front);
 - :mod:`~citron_protocol.strategies`: hypothesis strategies (import it
   explicitly; it needs hypothesis).
 

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import citron_protocol
 
-MODULES = ["client", "codec", "errors", "hub", "messages", "records", "runner", "states"]
+MODULES = [
+    "client",
+    "codec",
+    "errors",
+    "hub",
+    "messages",
+    "records",
+    "runner",
+    "sections",
+    "states",
+]
 SRC = Path(citron_protocol.__file__).parent
 
 

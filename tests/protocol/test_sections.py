@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from citron_client.cli import SectionText
+from citron_protocol.sections import SectionText
 
 LOG = (
     "::group::$ git clone r\nCloning...\ndone.\n::group::$ make\n"
