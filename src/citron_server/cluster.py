@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 import zlib
@@ -346,8 +347,7 @@ class RedisStore:
                     total += len(text.encode("utf-8", "surrogatepass"))
                     if out and total > max_bytes:
                         return out
-                stamp = fields.get("t")
-                out.append((int(entry_id.partition("-")[2]), text, float(stamp) if stamp else None))
+                out.append((int(entry_id.partition("-")[2]), text, _stamp(fields.get("t"))))
             if max_bytes is None or len(entries) < step:
                 break
             after = out[-1][0]
@@ -882,3 +882,13 @@ class ClusterHost(Host):
         if deadline is not None and deadline <= self.now() and not self._tick_pending:
             self._tick_pending = True
             self._queue("t", "", "")
+
+
+def _stamp(value: str | None) -> float | None:
+    """A log entry's time; None when it has none (written before times
+    were kept) or one that is not a time (not ours to trust)."""
+    try:
+        stamp = float(value) if value else None
+    except ValueError:
+        return None
+    return stamp if stamp is not None and math.isfinite(stamp) and stamp >= 0 else None

@@ -549,3 +549,31 @@ def test_startup_says_engine_and_node(cluster: Cluster) -> None:
             r"citron-server: engine redis://127\.0\.0\.1:\d+/\d+ \(Redis, node [0-9a-f]{12}\)",
             node.lines[2],
         ), node.lines[2]
+
+
+async def test_log_entries_with_a_foreign_time_replay_without_one(cluster: Cluster) -> None:
+    """Log entries in Redis whose time is not a time (written by something
+    else) replay whole, without a time: never a hang or a closed front."""
+    from citron_server.cluster import log_key
+
+    first, second, _ = cluster.nodes
+    _api, r, build = await running_build(first.url, second.url)
+    for i in (1, 2, 3):
+        await r.send(f'RUNNER:process:{{"finished": false, "log": "line {i}\\n"}}')
+    await r.send('RUNNER:process:{"finished": true, "success": true}')
+    web = await peer(second.url)
+    await ask(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    assert len(await follow(web, build, timeout=30)) == 3
+    client = cluster.redis.client()
+    client.delete(log_key(build))
+    for seq, stamp in ((1, "not a number"), (2, "nan"), (3, "-inf")):
+        client.xadd(log_key(build), {"l": f"line {seq}\n", "t": stamp}, id=f"0-{seq}")
+    late = await peer(first.url)
+    await late.send(f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    chunks = []
+    async with asyncio.timeout(30):
+        while len(chunks) < 3:
+            message = await recv(late)
+            if message.COMMAND == "log":
+                chunks.append(message)
+    assert [(c.seq, c.log, c.time) for c in chunks] == [(i, f"line {i}\n", None) for i in (1, 2, 3)]
