@@ -135,6 +135,7 @@ ConnId = Hashable
 
 #: The longest ``time`` of a ``log:`` frame, to bound a frame's size.
 _LONGEST_TIME = "9999-12-31T23:59:59.999Z"
+_LAST_SECOND: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 
 
 class CloseCode:
@@ -308,6 +309,14 @@ class _Query:
 def _spoken(init: RunnerInit) -> int:
     """The protocol version spoken with a runner that sent ``init``."""
     return max(1, min(init.protocol, PROTOCOL_VERSION))
+
+
+def _stored_time(stamp: float | None) -> str | None:
+    """A stored chunk's time for the wire; None when the store has none, or
+    one no clock gives (not finite, before 1970, after 9999)."""
+    if stamp is None or not 0 <= stamp < _LAST_SECOND:
+        return None  # (NaN fails the comparison too)
+    return log_time(stamp)
 
 
 def _already(build: object) -> None:
@@ -619,9 +628,7 @@ class Hub:
                 if sent >= self.config.replay_bytes:
                     break  # the page is full: the rest comes with the next one
                 stamp = chunk[2] if len(chunk) > 2 else None
-                frame = encode_log_chunk(
-                    sub.build.id, seq, text, None if stamp is None else log_time(stamp)
-                )
+                frame = encode_log_chunk(sub.build.id, seq, text, _stored_time(stamp))
                 self._send_raw(conn, "log", frame)
                 sent += utf8_size(frame)
                 sub.after = seq

@@ -44,7 +44,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import secrets
 import time
 import zlib
@@ -886,9 +885,8 @@ class ClusterHost(Host):
 
 def _stamp(value: str | None) -> float | None:
     """A log entry's time; None when it has none (written before times
-    were kept) or one that is not a time (not ours to trust)."""
+    were kept) or one that is not a number (the hub judges the rest)."""
     try:
-        stamp = float(value) if value else None
+        return float(value) if value else None
     except ValueError:
         return None
-    return stamp if stamp is not None and math.isfinite(stamp) and stamp >= 0 else None

@@ -1292,3 +1292,20 @@ def test_each_chunk_carries_when_it_was_received(h: Harness) -> None:
     got = h.send(late, f'WEB:subscribe:{{"build": "{build}", "from": 0}}') + h.recv(late)
     (replayed,) = [m for m in got if m.COMMAND == "log"]
     assert replayed.time == chunk.time
+
+
+def test_a_stored_time_no_clock_gives_is_left_out(h: Harness) -> None:
+    """A store may hand back any float (a database edited by hand): a
+    replay goes on without a time, never a closed connection."""
+    r = h.runner()
+    build = h.submit(h.connect([Role.API]))
+    h.recv(r)
+    for i in range(4):
+        h.send(r, f'RUNNER:process:{{"finished": false, "log": "line {i}\\n"}}')
+    stored = h.store.logs[build]
+    for record, bad in zip(stored, (float("nan"), float("inf"), -5.0, 1e300), strict=True):
+        object.__setattr__(record, "time", bad)
+    web = h.connect([Role.WEB])
+    got = h.send(web, f'WEB:subscribe:{{"build": "{build}", "from": 0}}') + h.recv(web)
+    chunks = [m for m in got if m.COMMAND == "log"]
+    assert [(c.seq, c.time) for c in chunks] == [(1, None), (2, None), (3, None), (4, None)]
