@@ -233,6 +233,12 @@ def build_parser() -> _Parser:
 
 # -- output -------------------------------------------------------------------------
 
+_STEP_COLOURS = {
+    "passed": "success",
+    "failed": "failure",
+    "cancelled": "cancelled",
+    "skipped": "queued",
+}
 _COLOURS = {
     "success": "32",
     "failure": "31",
@@ -313,9 +319,21 @@ def _show_build(out: Output, b: BuildInfo) -> None:
     ]
     for key, value in facts:
         print(f"{key + ':':11} {value}")
-    print("script:")
-    for line in b.script:
-        print(f"  {line}")
+    if b.steps is None:
+        print("script:")
+        for line in b.script:
+            print(f"  {line}")
+        return
+    print("steps:")
+    for line, step in zip(b.script, b.steps, strict=False):
+        first, _, rest = line.partition("\n")
+        state = step.state.value
+        seconds = "" if step.duration is None else f"{step.duration:.1f}s"
+        code = ""
+        if step.exit_code is not None and step.exit_code != 0:
+            code = f"  (exit code {step.exit_code})"
+        shown = out.paint(f"{state:9}", _STEP_COLOURS[state])
+        print(f"  {shown} {seconds:>7}  $ {first}{' …' if rest else ''}{code}")
 
 
 def _runner_rows(runners: Sequence[RunnerInfo]) -> list[list[str]]:

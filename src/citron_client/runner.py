@@ -42,6 +42,7 @@ from citron_protocol import (
     RunnerProtocol,
     ServerError,
     ShutdownRequested,
+    Step,
     UsageError,
 )
 from citron_protocol.codec import frame_head
@@ -89,6 +90,9 @@ class BuildContext:
         #: The exit status of the line that failed (0 on success), reported
         #: with the result; None when unknown.
         self.exit_code: int | None = None
+        #: What became of each script line (one Step per line, in order),
+        #: reported with the result; None when unknown.
+        self.steps: tuple[Step, ...] | None = None
 
     def log(self, text: str) -> None:
         """Stream output (secret values become ``***``)."""
@@ -306,6 +310,7 @@ class RunnerHost:
                 leave=self._leave,
                 commit=ctx.commit,
                 exit_code=ctx.exit_code,
+                steps=_steps_for(ctx),
             )
             log.info("build %s %s", _name(ctx.build.build), "succeeded" if ok else "failed")
         if self._leave:
@@ -320,6 +325,24 @@ async def run_runner(
     """Serve ``runner`` on the server at ``url`` (or the first of several
     URLs that answers, rotating on reconnects) until it is told to stop."""
     await RunnerHost(runner, url, token=token, once=once).serve()
+
+
+def _steps_for(ctx: BuildContext) -> tuple[Step, ...] | None:
+    """The steps to report: one per script line, or none (a runner that set
+    a list of another length is logged, and its steps left out)."""
+    steps = ctx.steps
+    if steps is None:
+        return None
+    steps = tuple(steps)
+    if len(steps) != len(ctx.build.script):
+        log.error(
+            "build %s: %d steps for %d script lines; reported without steps",
+            _name(ctx.build.build),
+            len(steps),
+            len(ctx.build.script),
+        )
+        return None
+    return steps
 
 
 def _name(build: str | None) -> str:

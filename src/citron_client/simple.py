@@ -1,51 +1,30 @@
-"""The simple runner: clone the repository, run each script line in bash.
+"""The simple runner: clone the repository, run the script in one bash session.
 
 For each build: a fresh working directory; ``git clone`` of ``repo`` (and a
-checkout of ``ref``); then each script line in order with ``bash -c``, with
-the build's ``env`` and ``secrets``, stopping at the first line that fails.
-stdout and stderr are merged and streamed live: a chunk at least every
-100 ms while output flows, at most 64 KiB each, decoded incrementally as UTF-8
-(invalid bytes become U+FFFD). Cancel and timeout send SIGTERM to the line's
-whole process group, then SIGKILL after a grace period; every process group a
-build started is killed when it ends.
+checkout of ``ref``); then the script's lines in one ``bash`` with ``set -eo
+pipefail``, with the build's ``env`` and ``secrets``, the first failing
+command ending the build (:func:`citron_client.shell.run_script`, which says
+the details: steps, sections, what is left running). stdout and stderr are
+merged and streamed live. Cancel and timeout end the whole session (SIGTERM,
+then SIGKILL after a grace period); nothing a build started outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 
-from citron_protocol import Run
+from citron_protocol import Run, Step, StepState
 from citron_protocol.sections import section_line
 
 from .runner import BuildContext, Runner
+from .shell import KILL_GRACE, MAX_CHUNK, NOTICE, run_command, run_script
 
 __all__ = ["MAX_CHUNK", "SimpleRunner"]
-
-MAX_CHUNK = 64 * 1024  # bytes of UTF-8 per log chunk
-FLUSH_EVERY = 0.1  # seconds
-KILL_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
-
-
-class _Stop(Exception):
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-def _split_utf8(text: str, limit: int) -> tuple[str, str]:
-    """The longest prefix of ``text`` of at most ``limit`` UTF-8 bytes, and the rest."""
-    if len(text) * 4 <= limit or len(text.encode("utf-8", "surrogatepass")) <= limit:
-        return text, ""
-    head = text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore")
-    return head, text[len(head) :]
 
 
 async def _head(checkout: str, env: dict[str, str]) -> str | None:
@@ -72,7 +51,7 @@ async def _head(checkout: str, env: dict[str, str]) -> str | None:
 
 
 class SimpleRunner(Runner):
-    """Runs builds as the original ci-tron runner does, in a shell."""
+    """Runs builds as docs/protocol.md §5.7 says: a checkout, one shell."""
 
     def __init__(
         self,
@@ -94,139 +73,36 @@ class SimpleRunner(Runner):
         root = tempfile.mkdtemp(prefix=f"citron-{build.build or 'build'}-", dir=self.workdir)
         deadline = time.monotonic() + build.timeout if build.timeout else None
         env = {**os.environ, **(build.env or {}), **(build.secrets or {})}
-        groups: list[int] = []
         try:
             checkout = os.path.join(root, "src")
-            steps: list[tuple[str, list[str], str]] = [
+            fetch = [
                 (f"$ git clone {build.repo}", ["git", "clone", "--", build.repo, checkout], root)
             ]
             if build.ref:
-                steps.append(
+                fetch.append(
                     (f"$ git checkout {build.ref}", ["git", "checkout", "-q", build.ref], checkout)
                 )
-            checked_out = len(steps)  # the steps that fetch the source come first
-            steps += [(f"$ {line}", ["bash", "-c", line], checkout) for line in build.script]
-            for i, (echo, argv, cwd) in enumerate(steps):
-                if i == checked_out:
-                    ctx.commit = await _head(checkout, env)
-                ctx.log(section_line(echo))
-                code = await self._step(argv, cwd, env, ctx, deadline, groups)
-                if code != 0:
-                    ctx.exit_code = code
-                    ctx.log(f"[citron-runner] exited with code {code}\n")
+            for title, argv, cwd in fetch:
+                ctx.log(section_line(title))
+                ended = await run_command(
+                    argv, ctx, cwd=cwd, env=env, deadline=deadline, kill_grace=self.kill_grace
+                )
+                if ended.stopped is not None or ended.status != 0:
+                    ctx.steps = tuple(Step(state=StepState.SKIPPED) for _ in build.script)
+                    if ended.stopped is None:
+                        ctx.exit_code = ended.status
+                        ctx.log(f"{NOTICE} exited with code {ended.status}\n")
                     return False
-            if ctx.commit is None:  # (an empty script)
-                ctx.commit = await _head(checkout, env)
-            ctx.exit_code = 0
-            return True
-        except _Stop as stop:
-            ctx.log(f"\n[citron-runner] {stop.why}\n")
-            return False
+            ctx.commit = await _head(checkout, env)
+            result = await run_script(
+                build.script,
+                ctx,
+                cwd=checkout,
+                env=env,
+                deadline=deadline,
+                kill_grace=self.kill_grace,
+            )
+            return result.success
         finally:
-            await self._kill_groups(groups)
             if not self.keep:
                 shutil.rmtree(root, ignore_errors=True)
-
-    async def _step(
-        self,
-        argv: list[str],
-        cwd: str,
-        env: dict[str, str],
-        ctx: BuildContext,
-        deadline: float | None,
-        groups: list[int],
-    ) -> int:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # its own process group, to kill it whole
-            )
-        except OSError as exc:
-            ctx.log(f"[citron-runner] cannot start {argv[0]}: {exc.strerror or exc}\n")
-            return 127
-        groups.append(proc.pid)
-        pump = asyncio.create_task(self._pump(proc, ctx))
-        waiting = asyncio.create_task(proc.wait())
-        cancelled = asyncio.create_task(ctx.wait_cancelled())
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-        try:
-            done, _ = await asyncio.wait(
-                {waiting, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if waiting not in done:
-                why = "cancelled" if cancelled in done else "timed out"
-                await self._terminate(proc)
-                await self._drain(pump)
-                raise _Stop(why)
-            await self._drain(pump)
-            return waiting.result()
-        finally:
-            cancelled.cancel()
-            waiting.cancel()
-
-    async def _drain(self, pump: asyncio.Task[None]) -> None:
-        """Let the pump read what is left; a background process may hold the
-        pipe open, so give up after a moment."""
-        try:
-            await asyncio.wait_for(asyncio.shield(pump), 0.5)
-        except TimeoutError:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-
-    async def _pump(self, proc: asyncio.subprocess.Process, ctx: BuildContext) -> None:
-        assert proc.stdout is not None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        last = time.monotonic()
-        try:
-            while True:
-                await ctx.room()  # (protocol 2: no more than a window ahead of the server)
-                try:
-                    data = await asyncio.wait_for(proc.stdout.read(MAX_CHUNK), FLUSH_EVERY)
-                except TimeoutError:
-                    data = None
-                if data == b"":
-                    break
-                if data:
-                    pending += decoder.decode(data)
-                while len(pending) * 4 > MAX_CHUNK and len(pending.encode()) > MAX_CHUNK:
-                    head, pending = _split_utf8(pending, MAX_CHUNK)
-                    ctx.log(head)
-                    last = time.monotonic()
-                if pending and time.monotonic() - last >= FLUSH_EVERY:
-                    ctx.log(pending)
-                    pending = ""
-                    last = time.monotonic()
-        finally:
-            pending += decoder.decode(b"", final=True)
-            while pending:
-                head, pending = _split_utf8(pending, MAX_CHUNK)
-                ctx.log(head)
-
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM to the process group, SIGKILL after the grace period."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), self.kill_grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-
-    async def _kill_groups(self, groups: list[int]) -> None:
-        """Nothing a build started outlives it: end every group it made."""
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-        if groups:
-            await asyncio.sleep(0.05)
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)

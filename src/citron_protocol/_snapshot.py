@@ -13,7 +13,7 @@ import attrs
 import cattrs
 
 from .errors import SnapshotError, UsageError
-from .messages import BuildState
+from .messages import BuildState, StepState
 from .records import BuildRecord
 
 ConnId = Hashable
@@ -85,6 +85,7 @@ for _kind in (str, int, float, bool):
     converter.register_structure_hook(_kind, _strict(_kind))
 converter.register_structure_hook(Any, lambda value, _: value)
 converter.register_structure_hook(BuildState, lambda value, _: BuildState(value))
+converter.register_structure_hook(StepState, lambda value, _: StepState(value))
 
 
 def check_conn_id(value: Any) -> None:

@@ -104,6 +104,7 @@ class Build:
             truncated=r.truncated,
             commit=r.commit,
             exit_code=r.exit_code,
+            steps=r.steps,
         )
 
 

@@ -73,6 +73,8 @@ from .messages import (
     Shutdown,
     ShutdownRunner,
     StateChange,
+    Step,
+    StepState,
     SubmitBuild,
     Subscribe,
     Subscribed,
@@ -178,7 +180,7 @@ def _enum_or_raw(value: Any, kind: type[StrEnum]) -> Any:
         return value  # the class's validator names the field and the choices
 
 
-for _e in (BuildState, RunnerState, Role):
+for _e in (BuildState, RunnerState, Role, StepState):
     _converter.register_structure_hook(_e, _enum_or_raw)
 
 
@@ -198,9 +200,28 @@ def _object_hook(cls: type[Any]) -> Callable[[Any, Any], Any]:
     return structure
 
 
-for _obj in (Resume, ResumePoint, RunnerInfo, BuildInfo):
+for _obj in (Resume, ResumePoint, RunnerInfo, BuildInfo, Step):
     _converter.register_structure_hook(_obj, _object_hook(_obj))
     _converter.register_unstructure_hook(_obj, make_dict_unstructure_fn(_obj, _converter))
+
+
+def _structure_steps(value: Any, _: Any) -> tuple[Step, ...] | None:
+    """A ``steps`` list: each problem named with its index (``[2].state``)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TypeError("expected a list of steps")
+    hook = _converter.get_structure_hook(Step)
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(hook(item, Step))
+        except Exception as exc:
+            raise _PathError(f"[{i}]", exc) from exc
+    return tuple(out)
+
+
+_converter.register_structure_hook(tuple[Step, ...] | None, _structure_steps)
 
 # Messages: a payload's absent keys are the fields' defaults, and encoding
 # leaves out every field that is None (and ``protocol: 0`` of a legacy init).
@@ -330,7 +351,8 @@ _UNSTRUCTURE[Builds] = lambda m: _with_req(
 def _describe(exc: BaseException, path: str) -> list[str]:
     """Turn a structuring failure into ``$.path: problem`` sentences."""
     if isinstance(exc, _PathError):
-        return _describe(exc.exc, f"{path}.{exc.path}")
+        sep = "" if exc.path.startswith("[") else "."
+        return _describe(exc.exc, f"{path}{sep}{exc.path}")
     if isinstance(exc, FieldError):
         sep = "" if exc.field.startswith("[") else "."
         return [f"{path}{sep}{exc.field}: {exc.problem}"]

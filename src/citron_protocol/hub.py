@@ -1319,12 +1319,20 @@ class Hub:
 
     def _on_finished(self, c: _Conn, msg: RunnerFinished) -> None:
         runner, build = self._current_build(c, msg.build)
+        steps = msg.steps
+        if steps is not None and len(steps) != len(build.record.script):
+            raise _Refusal(
+                ErrorCode.BAD_STATE,
+                f"the result has {len(steps)} steps for a script of"
+                f" {len(build.record.script)} lines: one step per line",
+            )
         self._ack(c, build)  # the result
         self._transition(
             build,
             BuildEvent.SUCCEED if msg.success else BuildEvent.FAIL,
             commit=msg.commit,
             exit_code=msg.exit_code,
+            steps=steps,
         )
         self._release(runner, dispatch=not msg.leave)
         if msg.leave:

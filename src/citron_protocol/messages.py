@@ -77,6 +77,8 @@ __all__ = [
     "ServerMessage",
     "Shutdown",
     "StateChange",
+    "Step",
+    "StepState",
     "SubmitBuild",
     "Subscribe",
     "Subscribed",
@@ -122,6 +124,15 @@ class RunnerState(StrEnum):
 
     WAITING = "WAITING"
     RUNNING = "RUNNING"
+
+
+class StepState(StrEnum):
+    """What became of one script line of a build (docs/protocol.md §5.7)."""
+
+    PASSED = "passed"  # it ran and its status was 0
+    FAILED = "failed"  # it ran and its status was not 0, or it was stopped by a timeout
+    CANCELLED = "cancelled"  # it was running when the build was cancelled
+    SKIPPED = "skipped"  # it did not run: a line before it ended the build
 
 
 class FieldError(ValueError):
@@ -256,6 +267,36 @@ def _script(_: object, a: attrs.Attribute[Any], value: object) -> None:
             raise FieldError(f"{a.name}[{i}]", "must not contain a NUL character")
 
 
+def _opt_seconds(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _check_type(a.name, value, (int, float), "a number")
+    assert isinstance(value, (int, float))
+    if not (math.isfinite(value) and 0 <= value <= MAX_INT):
+        raise FieldError(a.name, "must be a number of seconds, 0 or more")
+
+
+def _step_exit_code(inst: Any, a: attrs.Attribute[Any], value: object) -> None:
+    _opt_exit_code(inst, a, value)
+    state = inst.state
+    if state is StepState.SKIPPED and value is not None:
+        raise FieldError(a.name, "a skipped line has no exit code")
+    if state is StepState.PASSED and value not in (0, None):
+        raise FieldError(a.name, "a passed line exited 0")
+    if state is StepState.FAILED and value == 0:
+        raise FieldError(a.name, "a failed line did not exit 0")
+
+
+def _steps(_: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _check_type(a.name, value, tuple, "a list of steps")
+    assert isinstance(value, tuple)
+    for i, step in enumerate(value):
+        if not isinstance(step, Step):
+            raise FieldError(f"{a.name}[{i}]", "expected a step object")
+
+
 def _opt_env(_: object, a: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
@@ -375,6 +416,18 @@ class ResumePoint:
 
 
 @attrs.frozen(kw_only=True)
+class Step:
+    """One script line of a build as its runner reports it: ``state``, the
+    line's exit status (``exit_code``: None when it did not exit on its own
+    or did not run) and how long it ran (``duration``, seconds; None when it
+    did not run). A build's ``steps`` has one per script line, in order."""
+
+    state: StepState = attrs.field(validator=_enum(StepState))
+    exit_code: int | None = attrs.field(default=None, validator=_step_exit_code)
+    duration: float | None = attrs.field(default=None, validator=_opt_seconds)
+
+
+@attrs.frozen(kw_only=True)
 class RunnerInfo:
     """A runner as ``get_runners`` and ``runner:`` show it."""
 
@@ -409,6 +462,9 @@ class BuildInfo:
     truncated: bool = attrs.field(default=False, validator=_boolean)
     commit: str | None = attrs.field(default=None, validator=_opt_short_text)
     exit_code: int | None = attrs.field(default=None, validator=_opt_exit_code)
+    steps: tuple[Step, ...] | None = attrs.field(
+        default=None, converter=_to_tuple, validator=_steps
+    )
 
 
 # -- client messages: RUNNER ------------------------------------------------------
@@ -468,7 +524,8 @@ class RunnerFinished:
     """``RUNNER:process`` with ``finished: true``: the current build ended.
     With ``leave``, the runner also leaves: it is given no other build.
     ``commit`` is what was built (a git commit's full id), ``exit_code`` the
-    exit status of the line that failed (0 on success); either may be
+    exit status of the line that failed (0 on success), ``steps`` what became
+    of each script line (one :class:`Step` per line, in order); each may be
     unknown (None)."""
 
     COMMAND: ClassVar[str] = "process"
@@ -479,6 +536,9 @@ class RunnerFinished:
     leave: bool = attrs.field(default=False, validator=_boolean)
     commit: str | None = attrs.field(default=None, validator=_opt_short_text)
     exit_code: int | None = attrs.field(default=None, validator=_opt_exit_code)
+    steps: tuple[Step, ...] | None = attrs.field(
+        default=None, converter=_to_tuple, validator=_steps
+    )
 
     @property
     def role(self) -> Role:

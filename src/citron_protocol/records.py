@@ -26,7 +26,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import attrs
 
-from .messages import BuildState, utf8_size
+from .messages import BuildState, Step, utf8_size
 
 __all__ = [
     "BuildRecord",
@@ -51,6 +51,8 @@ class BuildRecord:
     persisted, only kept in the hub's memory. ``revision`` counts the
     records of this build (1 for the first): of two records of one build,
     the higher revision is the newer, whoever writes them in which order.
+    ``steps`` is what the runner reported of each script line (None: it did
+    not say, or the build was stored before steps existed).
     """
 
     id: str
@@ -77,6 +79,7 @@ class BuildRecord:
     revision: int = 0
     commit: str | None = None
     exit_code: int | None = None
+    steps: tuple[Step, ...] | None = None
 
 
 class _LogRecordSlots:

@@ -32,6 +32,8 @@ in flight when the connection is lost (:class:`BuildDropped`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 
 from .codec import decode_server, encode
@@ -49,6 +51,7 @@ from .messages import (
     RunnerLog,
     RunnerUnregister,
     Shutdown,
+    Step,
     utf8_size,
 )
 from .states import PHASE_TRANSITIONS, PhaseEvent, RunnerPhase, next_phase
@@ -153,7 +156,8 @@ class RunnerProtocol:
         self._held = 0  # UTF-8 bytes in _chunks
         self.acks = False  # the server acknowledges (protocol 2)
         self._finished: bool | None = None  # the result, once finish() was called
-        self._result: tuple[str | None, int | None] = (None, None)  # its commit, exit code
+        # its commit, exit code, steps
+        self._result: tuple[str | None, int | None, tuple[Step, ...] | None] = (None, None, None)
         self._leave = False
         self._shutdown = False  # shutdown: came: leave once the build is reported
         self._sent = 0  # chunks sent on this connection
@@ -325,17 +329,26 @@ class RunnerProtocol:
         *,
         commit: str | None = None,
         exit_code: int | None = None,
+        steps: Sequence[Step] | None = None,
     ) -> None:
         """The current build ended. With ``leave``, the server gives this runner
         no other build: the host closes the connection once it is sent.
         ``commit`` (what was built) and ``exit_code`` (of the line that
-        failed, 0 on success) go with the result when known; a seed-only
-        server's build gets the seed's result frame, without them."""
+        failed, 0 on success) go with the result when known, and ``steps``
+        (one :class:`~citron_protocol.messages.Step` per script line); a
+        seed-only server's build gets the seed's result frame, without them."""
         if self.build is None:
             raise UsageError("finish() with no build running")
+        if steps is not None:
+            steps = tuple(steps)
+            if self._run is not None and len(steps) != len(self._run.script):
+                raise UsageError(
+                    f"finish() takes one step per script line: {len(steps)} steps"
+                    f" for {len(self._run.script)} lines"
+                )
         self._go(PhaseEvent.FINISH)
         self._finished = bool(success)
-        self._result = (commit, exit_code)
+        self._result = (commit, exit_code, steps)
         self._leave = bool(leave) or self._shutdown
         self._flush()
         if self._shutdown and self.phase is RunnerPhase.WAITING:
@@ -355,7 +368,7 @@ class RunnerProtocol:
             self._out.append(encode(RunnerLog(log=text, build=build, seq=seq)))
             self._sent = seq
         if self._finished is not None and not self._finish_sent:
-            commit, exit_code = self._result if build is not None else (None, None)
+            commit, exit_code, steps = self._result if build is not None else (None, None, None)
             self._out.append(
                 encode(
                     RunnerFinished(
@@ -364,6 +377,7 @@ class RunnerProtocol:
                         leave=self._leave,
                         commit=commit,
                         exit_code=exit_code,
+                        steps=steps,
                     )
                 )
             )

@@ -66,6 +66,8 @@ from .messages import (
     Shutdown,
     ShutdownRunner,
     StateChange,
+    Step,
+    StepState,
     SubmitBuild,
     Subscribe,
     Subscribed,
@@ -82,6 +84,7 @@ __all__ = [
     "legacy_log_frames",
     "messages",
     "server_messages",
+    "steps",
     "texts",
 ]
 
@@ -123,6 +126,31 @@ _runner_infos = st.builds(
     state=st.sampled_from(RunnerState),
     build=_opt_names,
 )
+_step_seconds = st.none() | st.integers(0, 10**6) | st.floats(0, 1e6, allow_nan=False)
+#: One script line's step, of every state, with what that state allows.
+steps: st.SearchStrategy[Step] = st.one_of(
+    st.builds(
+        Step,
+        state=st.just(StepState.PASSED),
+        exit_code=st.none() | st.just(0),
+        duration=_step_seconds,
+    ),
+    st.builds(
+        Step,
+        state=st.just(StepState.FAILED),
+        exit_code=st.none()
+        | st.integers(min_value=-(2**31), max_value=2**31 - 1).filter(lambda n: n != 0),
+        duration=_step_seconds,
+    ),
+    st.builds(
+        Step,
+        state=st.just(StepState.CANCELLED),
+        exit_code=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
+        duration=_step_seconds,
+    ),
+    st.builds(Step, state=st.just(StepState.SKIPPED)),
+)
+_steps = st.lists(steps, max_size=5).map(tuple)
 _build_infos = st.builds(
     BuildInfo,
     id=_names,
@@ -142,6 +170,7 @@ _build_infos = st.builds(
     truncated=st.booleans(),
     commit=st.none() | texts(max_size=40),
     exit_code=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    steps=st.none() | _steps,
 )
 
 #: One strategy of valid messages per message class.
@@ -161,6 +190,7 @@ BY_CLASS: dict[type[Any], st.SearchStrategy[Any]] = {
         leave=st.booleans(),
         commit=st.none() | st.from_regex(r"[0-9a-f]{40}", fullmatch=True),
         exit_code=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
+        steps=st.none() | _steps,
     ),
     RunnerUnregister: st.just(RunnerUnregister()),
     SubmitBuild: st.builds(
