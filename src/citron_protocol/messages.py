@@ -276,6 +276,14 @@ def _opt_seconds(_: object, a: attrs.Attribute[Any], value: object) -> None:
         raise FieldError(a.name, "must be a number of seconds, 0 or more")
 
 
+def _to_seconds(value: object) -> object:
+    """An integer number of seconds as a float (``1`` is ``1.0``: one value,
+    one encoding); anything else as it is, for the validator."""
+    if type(value) is int and abs(value) <= MAX_INT:
+        return float(value)
+    return value
+
+
 def _step_exit_code(inst: Any, a: attrs.Attribute[Any], value: object) -> None:
     _opt_exit_code(inst, a, value)
     state = inst.state
@@ -424,7 +432,9 @@ class Step:
 
     state: StepState = attrs.field(validator=_enum(StepState))
     exit_code: int | None = attrs.field(default=None, validator=_step_exit_code)
-    duration: float | None = attrs.field(default=None, validator=_opt_seconds)
+    duration: float | None = attrs.field(
+        default=None, converter=_to_seconds, validator=_opt_seconds
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from citron_client import Client, RequestError
 from citron_protocol import BuildState, LogChunk
 
 from ..conftest import ServerFactory, ServerProc
-from ..procs import Spawn, citron, citron_popen, eventually, runner_argv, show, submit
+from ..procs import GIT_ENV, Spawn, citron, citron_popen, eventually, runner_argv, show, submit
 
 ROOT = Path(__file__).parents[2]
 
@@ -460,10 +461,73 @@ def test_builds_record_the_commit_and_the_exit_code(
     assert (shown["state"], shown["commit"], shown["exit_code"]) == ("success", head, 0)
     text = citron("show", server.url, failing).stdout
     assert f"commit:     {head}" in text and "exit code:  3" in text
+    assert "steps:" in text and "skipped" in text and "(exit code 3)" in text
     server.kill9()
     server.restart()
     again = show(server.url, failing)
     assert (again["commit"], again["exit_code"]) == (head, 3)
+    assert [s["state"] for s in again["steps"]] == ["passed", "failed", "skipped"]
+    assert [s["exit_code"] for s in again["steps"]] == [0, 3, None]
+
+
+def test_script_semantics_end_to_end(
+    server: ServerProc, spawn: Spawn, git_repo: Path, tmp_path: Path
+) -> None:
+    """docs/protocol.md §5.7.1 with the real citron-runner, a real git
+    repository and the real server: verdicts, steps, state between lines,
+    what is left running, cancel and timeout of a multi-line build."""
+    env = {**os.environ, **GIT_ENV}
+    (git_repo / "t.sh").write_text("echo 'test 1 ok'\necho 'test 2 FAIL'\nexit 1\n")
+    (git_repo / "t.sh").chmod(0o755)
+    (git_repo / "sub").mkdir()
+    (git_repo / "sub" / "marker.txt").write_text("in sub\n")
+    for argv in (["git", "add", "."], ["git", "commit", "-q", "-m", "tests"]):
+        subprocess.run(argv, cwd=git_repo, check=True, env=env)
+    spawn(*runner_argv(server.url), log_name="runner")
+    wait_for_runners(server)
+    ended = ("success", "failure", "cancelled", "lost")
+
+    def run(*script: str, timeout: str | None = None) -> tuple[dict[str, Any], str]:
+        args = ["submit", server.url, "--repo", str(git_repo)]
+        for line in script:
+            args += ["--script", line]
+        if timeout is not None:
+            args += ["--timeout", timeout]
+        build = citron(*args).stdout.strip()
+        shown = eventually(state_is(server, build, *ended), f"build {build} ended", tries=600)
+        return shown, stored_log(server, build)
+
+    piped, _ = run("./t.sh | tail -1")
+    assert (piped["state"], piped["exit_code"]) == ("failure", 1)
+    shown, log = run("false; echo after")
+    assert (shown["state"], shown["exit_code"]) == ("failure", 1)
+    assert "after\n" not in log.replace("$ false; echo after\n", "")
+    shown, log = run("cd sub && export FOO=1", 'echo "FOO=$FOO"; cat marker.txt')
+    assert shown["state"] == "success" and "FOO=1\nin sub\n" in log
+    shown, log = run("echo one", "exit 3", "echo never")
+    assert (shown["state"], shown["exit_code"]) == ("failure", 3)
+    assert [s["state"] for s in shown["steps"]] == ["passed", "failed", "skipped"]
+    assert "never" not in log and "$ exit 3\n" in log
+    shown, _ = run("echo fine | cat")
+    assert shown["state"] == "success" and shown["steps"][0]["state"] == "passed"
+
+    tag = "300.0521"
+    started = time.monotonic()
+    shown, log = run(f"sleep {tag} & echo started")
+    assert time.monotonic() - started < 10
+    assert shown["state"] == "success" and "ended 1 process left running" in log
+    assert not sleeping(tag)
+
+    timed, log = run("echo a", f"sleep {tag} & sleep {tag}", "echo never", timeout="2")
+    assert timed["state"] == "failure" and "timed out" in log and not sleeping(tag)
+    assert [s["state"] for s in timed["steps"]] == ["passed", "failed", "skipped"]
+
+    build = submit(server.url, git_repo, "echo a", f"sleep {tag} & sleep {tag}", "echo never")
+    eventually(lambda: sleeping(tag) or None, "the build's sleeps started", tries=200)
+    assert citron("cancel", server.url, build).returncode == 0
+    shown = eventually(state_is(server, build, *ended), "the cancelled build ended")
+    assert shown["state"] == "cancelled" and not sleeping(tag)
+    assert [s["state"] for s in shown["steps"]] == ["passed", "cancelled", "skipped"]
 
 
 def test_a_runner_is_named_after_its_host_by_default(server: ServerProc, spawn: Spawn) -> None:

@@ -1272,6 +1272,77 @@ def test_a_result_records_the_commit_and_the_exit_code(h: Harness) -> None:
         assert error.code == "invalid_payload", bad
 
 
+def test_a_result_records_its_steps_one_per_script_line(h: Harness) -> None:
+    from citron_protocol import Step, StepState
+
+    r = h.runner()
+    api = h.connect([Role.API])
+    build = h.submit(api, script='["echo one", "exit 3", "echo never"]')
+    h.recv(r)
+    passed = '{"state": "passed", "exit_code": 0, "duration": 0.5}'
+    failed = '{"state": "failed", "exit_code": 3, "duration": 1.25}'
+    skipped = '{"state": "skipped"}'
+    # Another count than the script's lines: refused, nothing of the result kept.
+    for steps in (f"[{passed}, {failed}]", f"[{passed}, {failed}, {skipped}, {skipped}]", "[]"):
+        (error,) = h.send(
+            r, f'RUNNER:process:{{"finished": true, "success": false, "steps": {steps}}}'
+        )
+        assert error.code == "bad_state" and "one step per line" in error.message
+        (reply,) = h.send(api, f'API:get_build:{{"build": "{build}"}}')
+        assert reply.build.state == "running" and reply.build.steps is None
+    # Steps that break their own rules: invalid_payload, naming the step.
+    for bad, where in (
+        ('[{"state": "done"}]', "$.steps[0].state"),
+        (f'[{passed}, {{"state": "skipped", "exit_code": 1}}, {skipped}]', "$.steps[1].exit_code"),
+        (f'[{passed}, {{"state": "failed", "exit_code": 0}}, {skipped}]', "$.steps[1].exit_code"),
+        (f'[{passed}, {{"state": "failed", "duration": -1}}, {skipped}]', "$.steps[1].duration"),
+        (f'[{passed}, {{"state": "failed", "duration": "1"}}, {skipped}]', "$.steps[1].duration"),
+        (f"[{passed}, 3, {skipped}]", "$.steps[1]: expected an object"),
+        ('{"0": 1}', "$.steps: expected a list"),
+    ):
+        (error,) = h.send(
+            r, f'RUNNER:process:{{"finished": true, "success": false, "steps": {bad}}}'
+        )
+        assert error.code == "invalid_payload" and where in error.message, (bad, error)
+    h.send(
+        r,
+        'RUNNER:process:{"finished": true, "success": false, "exit_code": 3,'
+        f' "steps": [{passed}, {failed}, {skipped}]}}',
+    )
+    expected = (
+        Step(state=StepState.PASSED, exit_code=0, duration=0.5),
+        Step(state=StepState.FAILED, exit_code=3, duration=1.25),
+        Step(state=StepState.SKIPPED),
+    )
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{build}"}}')
+    assert reply.build.state == "failure" and reply.build.steps == expected
+    assert h.store.builds[build].steps == expected
+    # A runner that says nothing of its steps: null.
+    plain = h.submit(api)
+    h.recv(r)
+    h.send(r, 'RUNNER:process:{"finished": true, "success": true}')
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{plain}"}}')
+    assert reply.build.steps is None
+
+
+def test_steps_survive_a_snapshot(h: Harness) -> None:
+    from citron_protocol import Hub
+
+    r = h.runner()
+    api = h.connect([Role.API])
+    build = h.submit(api, script='["a", "b"]')
+    h.recv(r)
+    h.send(
+        r,
+        'RUNNER:process:{"finished": true, "success": true, "steps": [{"state": "passed",'
+        ' "exit_code": 0, "duration": 1}, {"state": "passed", "duration": 2.5}]}',
+    )
+    copy = Hub.from_snapshot(h.hub.snapshot(), h.ids, h.config)
+    assert copy.snapshot() == h.hub.snapshot()
+    (reply,) = h.send(api, f'API:get_build:{{"build": "{build}"}}')
+    assert [s.duration for s in reply.build.steps] == [1, 2.5]
+
+
 def test_each_chunk_carries_when_it_was_received(h: Harness) -> None:
     from citron_protocol.codec import log_time
 

@@ -236,3 +236,37 @@ async def test_chunks_stored_before_times_were_kept_read_back_without_one(tmp_pa
     again.write([chunk(2, 2)])
     assert await again.read_log("b1", 0, 2, 10) == [(1, "line 1\n", None), (2, "line 2\n", 102.5)]
     await again.close()
+
+
+async def test_steps_are_kept_and_builds_stored_before_steps_read_back_without(
+    tmp_path: Path,
+) -> None:
+    from citron_protocol import Step, StepState
+    from citron_server.store import record_json
+
+    steps = (
+        Step(state=StepState.PASSED, exit_code=0, duration=0.25),
+        Step(state=StepState.FAILED, exit_code=3, duration=1.5),
+        Step(state=StepState.SKIPPED),
+    )
+    with_steps = attrs.evolve(
+        finished(1, 10.0, BuildState.FAILURE), script=("a", "b", "c"), steps=steps, exit_code=3
+    )
+    store = SqliteStore(str(tmp_path / "c.db"))
+    await store.open()
+    store.write([with_steps, finished(2, 20.0)])
+    await store.flush()
+    # A record as a server of the last version wrote it: no "steps" key at all.
+    old = json.loads(record_json(finished(2, 20.0)))
+    del old["steps"]
+    await store._call(
+        lambda db: db.execute("UPDATE builds SET record = ? WHERE id = 'b2'", (json.dumps(old),))
+    )
+    await store.close()
+    again = SqliteStore(str(tmp_path / "c.db"))
+    await again.open()
+    (b1,) = await again.find_builds(FindBuilds(request=1, conn=1, build="b1")) or []
+    (b2,) = await again.find_builds(FindBuilds(request=1, conn=1, build="b2")) or []
+    assert b1.steps == steps and b1.exit_code == 3
+    assert b2.steps is None and b2 == finished(2, 20.0)
+    await again.close()
