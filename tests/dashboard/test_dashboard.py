@@ -390,21 +390,44 @@ async def test_sections_failure_banner_and_raw_log(
     assert await page.page.locator("#log .section.open.failed .title").inner_text() == titles[2]
     shown = [text for _, text in await log_lines(page)]
     assert "two" in shown and "one" not in shown and "never" not in shown
+    await page.page.locator('#log .section[data-step="failed"] .time').wait_for()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.page.screenshot(path=str(SCREENSHOTS / f"build-failure-{transport}.png"))
     await page.page.click('#log .section[data-section="2"]')
     await page.page.locator("#log .line", has_text="one").wait_for()
-    # The script one line per line; commit and exit code.
-    assert await page.page.locator('[data-fact="script"] li').all_inner_texts() == [
+    # Each script line's section says its step's state and time; the clone's
+    # section is no step.
+    steps = await sections.evaluate_all(
+        """rows => rows.map(r => [r.dataset.step ?? null,
+            r.querySelector('.step')?.textContent ?? null,
+            r.querySelector('.time')?.textContent ?? null])"""
+    )
+    assert [s[:2] for s in steps] == [
+        [None, None],
+        ["passed", "✓ passed"],
+        ["failed", "✗ failed"],
+    ]
+    assert steps[0][2] is None and all(re.fullmatch(r"\d+\.\ds", s[2]) for s in steps[1:])
+    # The script one line per line, each with its state (the line that did
+    # not run: skipped, no time); commit and exit code.
+    assert await page.page.locator('[data-fact="script"] li code').all_inner_texts() == [
         "echo one",
         "echo two; exit 3",
         "echo never",
     ]
+    items = page.page.locator('[data-fact="script"] li')
+    assert await items.evaluate_all("items => items.map(i => i.dataset.step)") == [
+        "passed",
+        "failed",
+        "skipped",
+    ]
+    assert await items.locator(".time").count() == 2
+    assert await items.nth(2).locator(".step").inner_text() == "– skipped"
     assert await page.page.locator('[data-fact="exit code"]').inner_text() == "3"
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert await page.page.locator('[data-fact="commit"]').inner_text() == head
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.page.screenshot(path=str(SCREENSHOTS / f"build-failure-{transport}.png"))
     # The raw log, from the page's link.
     href = await page.page.locator("#raw-log").get_attribute("href")
     assert href == f"/builds/{build}/log"

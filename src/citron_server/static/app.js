@@ -187,6 +187,27 @@ function duration(build) {
   return seconds < 60 ? `${seconds.toFixed(1)} s` : `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
 }
 
+// A step's time, short: 0.3s, 12.0s, 2m 05s.
+function stepTime(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  if (seconds < 60) return `${seconds.toFixed(1)}s`;
+  return `${Math.floor(seconds / 60)}m ${String(Math.round(seconds % 60)).padStart(2, "0")}s`;
+}
+
+// The title of the section a script line starts (docs/protocol.md §5.8):
+// "$ LINE", a line of several lines named by its first and an ellipsis.
+function stepTitle(line) {
+  const cut = line.indexOf("\n");
+  return cut < 0 ? `$ ${line}` : `$ ${line.slice(0, cut)}${cut < line.length - 1 ? " …" : ""}`;
+}
+
+const STEP_MARK = { passed: "✓", failed: "✗", cancelled: "⊘", skipped: "–" };
+
+function stepBadge(step) {
+  return el("span", { class: `step ${step.state}`, title: step.exit_code !== null && step.exit_code !== undefined ? `exit code ${step.exit_code}` : step.state },
+    `${STEP_MARK[step.state] ?? ""} ${step.state}`);
+}
+
 // -- views ---------------------------------------------------------------------
 
 class RunnersView {
@@ -474,6 +495,8 @@ class LogView {
     this.target = target;
     this.lineHeight = 18;
     this.state = null; // the build's state, for which section opens by default
+    this.script = []; // the build's script lines
+    this.steps = null; // what became of each line (null: the runner did not say)
     this.timestamps = localStorage.getItem("citron-timestamps") === "on";
     this.box = el("div", { class: "log", id: "log", tabindex: "0" });
     this.spacer = el("div", { class: "spacer" });
@@ -504,11 +527,48 @@ class LogView {
     });
   }
 
+  // Which step each section shows: the sections titled "$ LINE" of the
+  // lines that ran, in order (the clone's and the log's own sections are
+  // none). A map of section index to {step, line}.
+  stepSections() {
+    const out = new Map();
+    if (!this.steps) return out;
+    const sections = this.term.sections;
+    let at = 0;
+    this.steps.forEach((step, i) => {
+      if (step.state === "skipped" || i >= this.script.length) return;
+      const title = stepTitle(this.script[i]);
+      let found = at;
+      while (found < sections.length && sections[found].title !== title) found++;
+      if (found < sections.length) {
+        out.set(found, { step, line: i });
+        at = found + 1;
+      }
+    });
+    return out;
+  }
+
+  // The index of the section where the build failed: the section of the
+  // step that ended it (the last that ran, failed or cancelled); without
+  // steps, the last section of a failed build. -1: none.
+  failingIndex() {
+    const sections = this.term.sections;
+    const mapped = [...(this.bySection ?? this.stepSections())];
+    if (mapped.length) {
+      const [index, { step }] = mapped[mapped.length - 1];
+      return step.state === "failed" || step.state === "cancelled" ? index : -1;
+    }
+    return this.state === "failure" && sections.length ? sections.length - 1 : -1;
+  }
+
   // Whether a section shows its lines: as the reader chose; else, in a
-  // failed build, only the last one (where it failed); else every one.
+  // build that did not succeed, only the one where it failed (if any);
+  // else every one.
   isOpen(section, index) {
     if (section.open !== null) return section.open;
-    return this.state !== "failure" || index === this.term.sections.length - 1;
+    if (this.state !== "failure" && this.state !== "cancelled") return true;
+    const failing = this.failing ?? this.failingIndex();
+    return failing < 0 || index === failing;
   }
 
   // The log as blocks of rows: runs of lines, and section headers.
@@ -532,6 +592,8 @@ class LogView {
   }
 
   render() {
+    this.bySection = this.stepSections();
+    this.failing = this.failingIndex();
     const blocks = this.blocks();
     if (this.target !== null && !this.jumped) {
       const home = blocks.find((b) => b.section && this.target > b.from && this.target <= b.to);
@@ -570,6 +632,7 @@ class LogView {
       }
     }
     this.rows.replaceChildren(...nodes);
+    this.failing = null;
     if (this.onrender) this.onrender();
     this.follow.textContent = this.following ? "following new output" : "scrolled up: not following (scroll to the end to follow)";
   }
@@ -586,12 +649,21 @@ class LogView {
   header(block) {
     const { section, index } = block;
     const open = this.isOpen(section, index);
-    const failed = this.state === "failure" && index === this.term.sections.length - 1;
+    const failed = index === this.failingIndex();
+    const mapped = (this.bySection ?? this.stepSections()).get(index);
     const node = el("div", {
       class: `section${open ? " open" : ""}${failed ? " failed" : ""}`,
       "data-section": String(index + 1), role: "button", tabindex: "0", "aria-expanded": String(open),
-    }, el("span", { class: "fold" }, open ? "▾" : "▸"), el("span", { class: "title" }, section.title),
-    el("span", { class: "count" }, `${block.to - block.from} line${block.to - block.from === 1 ? "" : "s"}`));
+    }, el("span", { class: "fold" }, open ? "▾" : "▸"));
+    if (mapped) {
+      node.dataset.step = mapped.step.state;
+      node.append(stepBadge(mapped.step));
+    }
+    node.append(el("span", { class: "title" }, section.title),
+      el("span", { class: "count" }, `${block.to - block.from} line${block.to - block.from === 1 ? "" : "s"}`));
+    if (mapped && mapped.step.duration !== null && mapped.step.duration !== undefined) {
+      node.append(el("span", { class: "time" }, stepTime(mapped.step.duration)));
+    }
     const toggle = () => { section.open = !open; this.following = false; this.schedule(); };
     node.onclick = toggle;
     node.onkeydown = (event) => { if (event.key === "Enter" || event.key === " ") { event.preventDefault(); toggle(); } };
@@ -610,10 +682,10 @@ class LogView {
     return row;
   }
 
-  // The section that failed: the last one of a failed build.
+  // The section where the build failed, or null.
   failedSection() {
-    const sections = this.term.sections;
-    return this.state === "failure" && sections.length ? sections[sections.length - 1] : null;
+    const index = this.failingIndex();
+    return this.state === "failure" && index >= 0 ? this.term.sections[index] : null;
   }
 }
 
@@ -689,9 +761,28 @@ class BuildView {
     this.banner.hidden = false;
   }
 
+  // The script, a line each; with steps, each line's state and time (the
+  // lines that did not run too), like a CI's step list.
+  scriptList(b) {
+    const steps = b.steps && b.steps.length === b.script.length ? b.steps : null;
+    return el("ol", { class: "script" }, ...b.script.map((line, i) => {
+      const item = el("li", {}, el("code", {}, line));
+      if (steps) {
+        item.dataset.step = steps[i].state;
+        item.prepend(stepBadge(steps[i]), " ");
+        if (steps[i].duration !== null && steps[i].duration !== undefined) {
+          item.append(el("span", { class: "time" }, stepTime(steps[i].duration)));
+        }
+      }
+      return item;
+    }));
+  }
+
   show(b) {
     this.build = b;
     this.log.state = b.state;
+    this.log.script = b.script;
+    this.log.steps = b.steps ?? null;
     this.log.schedule();
     this.showBanner();
     const rows = [
@@ -700,7 +791,7 @@ class BuildView {
       ["Runner", b.runner ?? "-"], ["Attempt", b.attempt], ["Created", time(b.created)],
       ["Started", time(b.started)], ["Finished", time(b.finished)], ["Duration", duration(b)],
       ["Exit code", b.exit_code ?? "-"],
-      ["Script", el("ol", { class: "script" }, ...b.script.map((line) => el("li", {}, el("code", {}, line))))],
+      ["Script", this.scriptList(b)],
       ["Log", `${b.log_seq} chunks, ${b.log_bytes} bytes${b.truncated ? " (truncated)" : ""}`],
     ];
     this.facts.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-fact": k.toLowerCase() }, v)]));
