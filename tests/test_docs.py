@@ -53,6 +53,10 @@ ELSEWHERE = {
     "README.md#3": ("tests/test_readme.py", "test_the_readme_example_runs"),
     "docs/benchmarks.md#0": ("tests/test_bench.py", "test_the_quick_benchmarks_run"),
     "docs/howto-runner.md#0": ("tests/client/test_e2e.py", "test_the_custom_runner_from_the_docs"),
+    "docs/howto-runner.md#1": (
+        "tests/client/test_tools.py",
+        "test_the_scratch_runner_of_the_how_to_passes_the_shell_checks",
+    ),
     "docs/operations.md#2": ("tests/cluster/test_cluster.py", "test_startup_says_engine_and_node"),
     "docs/operations.md#4": ("tests/server/test_tls.py", "test_https_and_wss"),
     "docs/operations.md#5": (
@@ -74,8 +78,8 @@ NOT_CODE = {
     "docs/benchmarks.md#2": "output of python -m bench",
     "docs/benchmarks.md#3": "output of python -m bench",
     "docs/howto-front.md#2": "pseudocode: the steps of a follow loop",
-    "docs/howto-runner.md#1": "pseudocode: the steps of a runner's loop",
-    "docs/howto-runner.md#2": "a diagram (compared with the code by tests/protocol/test_runner.py)",
+    "docs/howto-runner.md#2": "pseudocode: the steps of a runner's loop",
+    "docs/howto-runner.md#3": "a diagram (compared with the code by tests/protocol/test_runner.py)",
     "docs/protocol.md#4": "a diagram (compared with the code by tests/protocol/test_states.py)",
     "docs/protocol.md#6": "a diagram (compared with the code by tests/protocol/test_states.py)",
     "docs/operations.md#3": "two lines of a redis.conf",

@@ -226,6 +226,12 @@ def build_parser() -> _Parser:
     p.add_argument(
         "--check", action="append", default=[], metavar="NAME", help="run only this check (repeat)"
     )
+    p.add_argument(
+        "--protocol-only",
+        action="store_true",
+        help="runner: skip the checks that need script lines run as shell commands"
+        " (for a runner whose lines are not shell; each skip says why)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("command_argv", nargs="*", help=argparse.SUPPRESS)
     return parser
@@ -480,6 +486,7 @@ async def _conformance(args: argparse.Namespace) -> int:
             cancel_grace=args.cancel_grace,
             timeout=args.timeout or 10.0,
             only=args.check,
+            protocol_only=args.protocol_only,
         )
         _known_checks(args.check, [name for name, _ in runner.checks])
         results = await runner.run()
@@ -487,6 +494,8 @@ async def _conformance(args: argparse.Namespace) -> int:
     else:
         if not args.url or args.command_argv:
             raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
+        if args.protocol_only:
+            raise UsageError("--protocol-only is for --runner: a server has no shell checks")
         checker = ServerConformance(
             args.url,
             _tokens(args),

@@ -681,6 +681,23 @@ def _last_seq(logs: Sequence[RunnerLog]) -> int:
     return max((m.seq for m in logs if m.seq is not None), default=0)
 
 
+#: The runner checks that need its script lines run as shell commands, and
+#: what for; ``--protocol-only`` skips them (a device runner, say).
+SHELL_CHECKS: dict[str, str] = {
+    "failing_script": "a line that runs `exit 3`",
+    "secret_masking": "lines that print a secret from the environment",
+    "cancel": "a line that runs `sleep`",
+    "shutdown_busy": "a line that runs `sleep`",
+    "reconnect_resume": "a shell loop that prints for 2 s",
+    "acks": "a shell loop that prints for 2 s",
+    "pipefail": "the script semantics of docs/protocol.md §5.7.1",
+    "errexit": "the script semantics of docs/protocol.md §5.7.1",
+    "shell_state": "the script semantics of docs/protocol.md §5.7.1",
+    "steps": "the script semantics of docs/protocol.md §5.7.1",
+    "background": "the script semantics of docs/protocol.md §5.7.1",
+}
+
+
 class RunnerConformance:
     """Plays a scripted server on a free loopback port and checks a runner.
 
@@ -688,7 +705,11 @@ class RunnerConformance:
     argument and in ``CITRON_URL``, and stops it at the end (SIGTERM, then
     SIGKILL). Builds use a git repository made in a temp directory
     (``file://``), scripts of plain shell lines (``echo``, ``sleep``,
-    ``printf``, ``exit``).
+    ``printf``, ``exit``), and the checks of docs/protocol.md §5.7.1 (one
+    shell session, errexit, pipefail, steps, background processes ended).
+    With ``protocol_only``, the checks that need shell lines
+    (:data:`SHELL_CHECKS`) are skipped, saying why: for a runner whose lines
+    are not shell commands.
     """
 
     def __init__(
@@ -698,11 +719,13 @@ class RunnerConformance:
         cancel_grace: float = 10.0,
         timeout: float = 10.0,
         only: Sequence[str] = (),
+        protocol_only: bool = False,
     ) -> None:
         self.command = list(command)
         self.cancel_grace = cancel_grace
         self.timeout = timeout
         self.only = list(only)
+        self.protocol_only = protocol_only
         self.repo = ""
 
     @property
@@ -718,6 +741,11 @@ class RunnerConformance:
             ("shutdown_busy", self.check_shutdown_busy),
             ("reconnect_resume", self.check_resume),
             ("acks", self.check_acks),
+            ("pipefail", self.check_pipefail),
+            ("errexit", self.check_errexit),
+            ("shell_state", self.check_shell_state),
+            ("steps", self.check_steps),
+            ("background", self.check_background),
         ]
 
     async def run(self) -> list[CheckResult]:
@@ -726,6 +754,10 @@ class RunnerConformance:
             self.repo = _make_repo(Path(tmp))
             for i, (name, check) in enumerate(self.checks):
                 if self.only and name not in self.only:
+                    continue
+                if self.protocol_only and name in SHELL_CHECKS:
+                    why = f"--protocol-only: needs {SHELL_CHECKS[name]}"
+                    results.append(CheckResult(name, SKIP, why))
                     continue
                 workdir = Path(tmp) / f"check-{i}"
                 workdir.mkdir()
@@ -786,17 +818,127 @@ class RunnerConformance:
         )
         _check(finished.success, "a build of echo lines reported failure")
 
-    async def check_failure(self, stage: _Stage) -> str:
+    async def _result(
+        self, stage: _Stage, script: list[str], timeout: float | None = None
+    ) -> tuple[str, RunnerFinished]:
+        """Run ``script`` as build b-1: its output and result."""
         ws, _, _ = await stage.register()
-        script = ["echo conformance-before", "exit 3", "echo conformance-after"]
         await ws.send(self.run_frame("b-1", script))
-        logs, finished = await stage.collect("b-1")
+        logs, finished = await stage.collect("b-1", timeout=timeout)
         _check(finished is not None, "the connection closed before the result")
         assert finished is not None
-        _check("conformance-before" in _text(logs), "the first line's output is missing")
+        return _text(logs), finished
+
+    @staticmethod
+    def _exit_code(finished: RunnerFinished, expected: int, why: str) -> str:
+        """Check the result's exit_code, if it has one."""
+        if finished.exit_code is None:
+            return ", no exit_code"
+        _check(
+            finished.exit_code == expected,
+            f"exit_code {finished.exit_code}, expected {expected}: {why}",
+        )
+        return f", exit_code {expected}"
+
+    async def check_failure(self, stage: _Stage) -> str:
+        # (`$((...))` prints what the line's own text does not hold: a section
+        # title or an echo of the command never passes for its output.)
+        script = ["echo conformance-$((1+1))", "exit 3", "echo conformance-$((2+2))"]
+        text, finished = await self._result(stage, script)
+        _check("conformance-2" in text, "the first line's output is missing")
         _check(not finished.success, "a script with a line that exits 3 reported success")
-        ran = "conformance-after" in _text(logs).replace("echo conformance-after", "")
-        return "failure reported" + (", the lines after it ran" if ran else "")
+        _check(
+            "conformance-4" not in text,
+            "the line after the failing one ran: the first failing line ends the script"
+            " (docs/protocol.md §5.7.1)",
+        )
+        more = self._exit_code(finished, 3, "the failing line's status")
+        return "failure reported, later lines not run" + more
+
+    async def check_pipefail(self, stage: _Stage) -> str:
+        script = ["sh -c 'echo conformance-piped; exit 4' | cat", "echo conformance-$((3+3))"]
+        text, finished = await self._result(stage, script)
+        _check("conformance-piped" in text, f"the pipe's output is missing: {text[-300:]!r}")
+        _check(
+            not finished.success,
+            "a pipe whose first command exits 4 reported success: without pipefail a"
+            " failing test suite piped to `tail` is green (docs/protocol.md §5.7.1)",
+        )
+        _check("conformance-6" not in text, "the line after the failing pipe ran")
+        return "a failing pipe fails the build" + self._exit_code(finished, 4, "pipefail")
+
+    async def check_errexit(self, stage: _Stage) -> str:
+        text, finished = await self._result(stage, ["false; echo conformance-$((6*7))"])
+        _check(
+            "conformance-42" not in text,
+            "`false; echo x` printed x: the first failing command ends the script"
+            " (errexit, docs/protocol.md §5.7.1)",
+        )
+        _check(not finished.success, "`false; echo x` reported success")
+        return "`false; echo x` stops at false" + self._exit_code(finished, 1, "false's status")
+
+    async def check_shell_state(self, stage: _Stage) -> str:
+        script = [
+            "mkdir -p conformance-dir && cd conformance-dir && export CONFORMANCE_VAR=kept;"
+            " CONFORMANCE_LOCAL=here; conformance_fn() { echo fn-$((2+3)); }",
+            'echo "state: $(basename "$PWD") $CONFORMANCE_VAR $CONFORMANCE_LOCAL"; conformance_fn',
+        ]
+        text, finished = await self._result(stage, script)
+        _check(
+            "state: conformance-dir kept here" in text,
+            "the second line did not see the first one's cd, export and variable: the lines"
+            f" run in one shell session (docs/protocol.md §5.7.1): {text[-300:]!r}",
+        )
+        _check("fn-5" in text, "a function defined on line 1 is unknown on line 2")
+        _check(finished.success, f"the build failed: {text[-300:]!r}")
+        return "cd, export, variables and functions carry over"
+
+    async def check_steps(self, stage: _Stage) -> str:
+        script = ["true", "sleep 0.3", "exit 3", "echo conformance-$((4+5))"]
+        _, finished = await self._result(stage, script)
+        _check(not finished.success, "a script with a line that exits 3 reported success")
+        _check(
+            finished.steps is not None,
+            "the result has no steps: one per script line, with its state, exit code and"
+            " duration (docs/protocol.md §2, the result)",
+        )
+        assert finished.steps is not None
+        got = [(s.state.value, s.exit_code) for s in finished.steps]
+        expected = [("passed", 0), ("passed", 0), ("failed", 3), ("skipped", None)]
+        # (A passed line may leave its exit_code out.)
+        got = [(state, 0 if state == "passed" and code is None else code) for state, code in got]
+        _check(got == expected, f"steps {got}, expected {expected}")
+        durations = [s.duration for s in finished.steps]
+        _check(
+            durations[1] is None or durations[1] >= 0.25,
+            f"`sleep 0.3` took {durations[1]} s",
+        )
+        return "passed, passed, failed 3, skipped" + self._exit_code(finished, 3, "line 3")
+
+    async def check_background(self, stage: _Stage) -> str:
+        tag = f"{300 + secrets.randbelow(100)}.{secrets.randbelow(10**6):06d}"
+        started = time.monotonic()
+        text, finished = await self._result(
+            stage, [f"sleep {tag} & echo conformance-$((3*3))"], timeout=self.timeout
+        )
+        took = time.monotonic() - started
+        _check("conformance-9" in text, f"the line's output is missing: {text[-300:]!r}")
+        _check(finished.success, f"the build failed: {text[-300:]!r}")
+        left = _running(f"sleep {tag}")
+        for _ in range(40):  # a moment to end them
+            if not left:
+                break
+            await asyncio.sleep(0.05)
+            left = _running(f"sleep {tag}")
+        for pid in left or ():  # (this tool leaves nothing behind either)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        _check(
+            not left,
+            f"`sleep {tag}` started in the background still ran after the result: the"
+            " runner ends what a script left running (docs/protocol.md §5.7.1)",
+        )
+        return f"ended {took:.1f} s after run:, nothing left running"
 
     async def check_secrets(self, stage: _Stage) -> str:
         ws, _, _ = await stage.register()
@@ -941,6 +1083,25 @@ class RunnerConformance:
                 f" {acked}: a protocol 2 runner forgets acknowledged chunks"
             )
         return f"nothing up to the acknowledged seq {acked} kept"
+
+
+def _running(command: str) -> list[int]:
+    """The processes whose command line is ``command`` (from /proc; none
+    where there is no /proc)."""
+    proc = Path("/proc")
+    if not (proc / "self").exists():
+        return []
+    want = command.encode().replace(b" ", b"\0")
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.rstrip(b"\0") == want:
+                found.append(int(entry.name))
+    return found
 
 
 def json_frame(command: str, **payload: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_fuzz_json_is_json(server_factory: ServerFactory) -> None:
 def test_conformance_runner_passes_on_citron_runner() -> None:
     result = citron("conformance", "--runner", "--", *runner_argv("")[:-1], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "10 passed, 0 failed, 0 skipped" in result.stdout
+    assert "15 passed, 0 failed, 0 skipped" in result.stdout
     assert "protocol          PASS  protocol 2" in result.stdout
 
 
@@ -124,6 +125,86 @@ def test_conformance_runner_catches_each_broken_rule(
     # The runner's own account comes with the failure.
     assert "the runner's stderr:" in result.stdout
     assert "      | " in result.stdout and "INFO citron.runner:" in result.stdout
+
+
+SHELL_RUNNER = Path(__file__).with_name("shell_runner.py")
+SHELL = ["failing_script", "pipefail", "errexit", "shell_state", "steps", "background"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "failing"),
+    [
+        ("none", []),
+        ("per_line", ["pipefail", "errexit", "shell_state", "steps"]),
+        ("no_stop", ["failing_script", "pipefail", "errexit", "shell_state", "steps"]),
+        ("no_pipefail", ["pipefail"]),
+        ("no_errexit", ["pipefail", "errexit"]),
+        ("no_steps", ["steps"]),
+        ("wrong_steps", ["steps"]),
+        ("keep_background", ["background"]),
+    ],
+)
+@pytest.mark.slow
+def test_conformance_runner_checks_the_script_semantics(fault: str, failing: list[str]) -> None:
+    """A runner with one rule of docs/protocol.md §5.7.1 broken fails the
+    checks of that rule and passes the others; citron-runner passes all."""
+    only = [arg for check in SHELL for arg in ("--check", check)]
+    argv = [sys.executable, str(SHELL_RUNNER), fault]
+    result = citron("conformance", "--runner", "--timeout", "5", *only, "--", *argv, timeout=180)
+    assert result.returncode == (1 if failing else 0), result.stdout + result.stderr
+    for check in SHELL:
+        assert ("FAIL" if check in failing else "PASS") in row(result, check), result.stdout
+    assert f"{len(SHELL) - len(failing)} passed, {len(failing)} failed" in result.stdout
+    # Nothing the broken runner left running outlives the check.
+    left = subprocess.run(["pgrep", "-f", r"^sleep 3[0-9][0-9]\.[0-9]{6}$"], capture_output=True)
+    assert left.returncode == 1, left.stdout
+
+
+@pytest.mark.slow
+def test_conformance_protocol_only_skips_the_shell_checks_saying_why(tmp_path: Path) -> None:
+    """The how-to's word counter runs no shell: with --protocol-only it
+    passes what it can be asked, and each shell check is a skip with its
+    reason."""
+    from citron_client.conformance import SHELL_CHECKS
+
+    text = (Path(__file__).parents[2] / "docs" / "howto-runner.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[0]
+    path = tmp_path / "word_counter.py"
+    path.write_text(code)
+    argv = [sys.executable, str(path)]
+    result = citron(
+        "conformance", "--runner", "--protocol-only", "--timeout", "5", "--", *argv, timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check, why in SHELL_CHECKS.items():
+        assert f"SKIP  --protocol-only: needs {why}" in row(result, check), result.stdout
+    for check in ("init", "protocol", "build_and_log", "shutdown_idle"):
+        assert "PASS" in row(result, check), result.stdout
+    assert f"4 passed, 0 failed, {len(SHELL_CHECKS)} skipped" in result.stdout
+    # Without it, the word counter fails the shell checks: it is no shell.
+    plain = citron(
+        "conformance", "--runner", "--timeout", "5", "--check", "errexit", "--", *argv, timeout=60
+    )
+    assert plain.returncode == 1 and "FAIL" in row(plain, "errexit")
+    # A server has no shell checks.
+    server = citron("conformance", "ws://127.0.0.1:9/ws", "--protocol-only")
+    assert server.returncode == 64 and "--protocol-only is for --runner" in server.stderr
+
+
+@pytest.mark.slow
+def test_the_scratch_runner_of_the_how_to_passes_the_shell_checks(tmp_path: Path) -> None:
+    """docs/howto-runner.md: run_script gives a custom runner the script
+    semantics of docs/protocol.md §5.7.1 in one call."""
+    text = (Path(__file__).parents[2] / "docs" / "howto-runner.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.DOTALL)[1]
+    assert "run_script" in code
+    path = tmp_path / "scratch_runner.py"
+    path.write_text(code)
+    only = [arg for check in SHELL for arg in ("--check", check)]
+    argv = [sys.executable, str(path)]
+    result = citron("conformance", "--runner", "--timeout", "5", *only, "--", *argv, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(SHELL)} passed, 0 failed, 0 skipped" in result.stdout
 
 
 @pytest.mark.slow

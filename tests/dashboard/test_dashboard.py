@@ -422,7 +422,7 @@ async def test_sections_failure_banner_and_raw_log(
         "skipped",
     ]
     assert await items.locator(".time").count() == 2
-    assert await items.nth(2).locator(".step").inner_text() == "– skipped"
+    assert await items.nth(2).locator(".step").inner_text() == "\u2013 skipped"
     assert await page.page.locator('[data-fact="exit code"]').inner_text() == "3"
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True, text=True, check=True
