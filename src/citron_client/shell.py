@@ -83,12 +83,15 @@ NOTICE = "[citron-runner]"
 class CommandResult:
     """How a process ended: ``status`` (its exit status; 128 + N when a
     signal N ended it; None when it was stopped), ``stopped`` ("cancelled",
-    "timed out" or None) and ``left_running`` (processes of its session
-    still running when it ended, which were ended)."""
+    "timed out" or None), ``left_running`` (processes of its session
+    still running when it ended, which were ended) and ``ended`` (when it
+    exited or was stopped, seconds since the epoch; None if it never
+    started)."""
 
     status: int | None
     stopped: str | None = None
     left_running: int = 0
+    ended: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -153,7 +156,7 @@ async def run_script(
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
-    result = tracker.result(ended, time.time())
+    result = tracker.result(ended, ended.ended if ended.ended is not None else time.time())
     ctx.steps = result.steps
     ctx.exit_code = result.exit_code
     if result.stopped is None and not result.success:
@@ -222,6 +225,8 @@ class _Steps:
         return None
 
     def result(self, ended: CommandResult, now: float) -> ScriptResult:
+        """The script's result, from its markers and how its shell ended
+        (``now``: when that was, which ends the line that was running)."""
         steps: list[Step] = []
         exit_code: int | None = 0
         success = ended.stopped is None
@@ -407,6 +412,7 @@ class _Session:
             done, _ = await asyncio.wait(
                 {waiting, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
+            ended = time.time()
             if waiting not in done:
                 stopped = "cancelled" if cancelled in done else "timed out"
                 await self._end_session(leader, waiting)
@@ -426,7 +432,7 @@ class _Session:
         status = waiting.result() if stopped is None else None
         if status is not None and status < 0:
             status = 128 - status  # ended by signal -status, as a shell says it
-        return CommandResult(status=status, stopped=stopped, left_running=left)
+        return CommandResult(status=status, stopped=stopped, left_running=left, ended=ended)
 
     async def _end_session(self, leader: int, waiting: asyncio.Task[int]) -> None:
         """SIGTERM to the whole session, SIGKILL after the grace period."""

@@ -202,12 +202,16 @@ async def test_a_background_process_that_ignores_sigterm_is_killed(tmp_path: Pat
     started = time.monotonic()
     result, text, _ = await script(
         tmp_path,
-        f"(trap '' TERM; echo bg-up; exec sleep {tag}) & sleep 0.2",
-        kill_grace=0.5,
+        f"(trap '' TERM; echo bg-up; exec sleep {tag}) & sleep 0.2; exit 4",
+        kill_grace=1.0,
     )
-    assert time.monotonic() - started < 5
-    assert result.success and result.left_running == 1  # type: ignore[attr-defined]
-    assert "bg-up" in text
+    took = time.monotonic() - started
+    assert 1.0 <= took < 5  # the grace, then SIGKILL
+    assert not result.success and result.exit_code == 4  # type: ignore[attr-defined]
+    assert result.left_running == 1  # type: ignore[attr-defined]
+    # The failing line's time ends when its shell did, not after the grace.
+    assert 0.2 <= result.steps[0].duration < 0.9  # type: ignore[attr-defined]
+    assert "bg-up" in text and "ended 1 process left running" in text
     assert not running(f"sleep {tag}")
 
 
