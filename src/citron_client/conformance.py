@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from citron_protocol import BuildState, ErrorCode, ProtocolError, Role, decode_client
 from citron_protocol.messages import RunnerFinished, RunnerInit, RunnerLog
 
-from .wire import Closed, Wire
+from .wire import Closed, Wire, WireTimeout
 
 __all__ = ["CheckResult", "RunnerConformance", "ServerConformance", "print_results"]
 
@@ -137,6 +137,22 @@ class ServerConformance:
             ("resume", self.resume),
             ("error_codes", self.error_codes),
             ("permissions", self.permissions),
+            ("session_secret", self.session_secret),
+            ("resume_refused", self.resume_refused),
+            ("resume_elsewhere", self.resume_elsewhere),
+            ("acks", self.acks),
+            ("no_acks_protocol_1", self.no_acks_protocol_1),
+            ("cancel_final", self.cancel_final),
+            ("shutdown_idle", self.shutdown_idle),
+            ("shutdown_busy", self.shutdown_busy),
+            ("seq_rules", self.seq_rules),
+            ("unregister", self.unregister),
+            ("requeue", self.requeue),
+            ("builds_order", self.builds_order),
+            ("dispatch_longest_waiting", self.dispatch_longest_waiting),
+            ("log_time", self.log_time),
+            ("runner_gone", self.runner_gone),
+            ("limits", self.limits),
         ]
 
     async def run(self) -> list[CheckResult]:
@@ -164,11 +180,53 @@ class ServerConformance:
         self._wires.append(wire)
         return wire
 
-    async def runner(self, type: str, resume: str = "") -> tuple[Wire, Any]:
+    async def runner(self, type: str, resume: str = "", protocol: int = 1) -> tuple[Wire, Any]:
         wire = await self.open(Role.RUNNER)
-        await wire.send(f'RUNNER:init:{{"type": {json.dumps(type)}, "protocol": 1{resume}}}')
+        await wire.send(
+            f'RUNNER:init:{{"type": {json.dumps(type)}, "protocol": {protocol}{resume}}}'
+        )
         ready = await wire.expect("ready", self.timeout)
         return wire, ready
+
+    async def expect(self, wire: Wire, command: str, skip: tuple[str, ...] = ()) -> Any:
+        """The next ``command:`` frame on ``wire`` (frames in ``skip`` passed
+        over); a failure that names it when none comes in time."""
+        try:
+            return await wire.expect(command, self.timeout, skip)
+        except (TimeoutError, WireTimeout):
+            raise _Fail(f"no {command}: within {self.timeout:g} s") from None
+
+    async def quiet(self, wire: Wire, commands: set[str], seconds: float = 0.5) -> None:
+        """Nothing of ``commands`` comes on ``wire`` for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await wire.recv(left)
+            except WireTimeout:
+                return
+            if isinstance(message, Closed):
+                return
+            _check(message.COMMAND not in commands, f"unexpected {message.COMMAND}: {message!r}")
+
+    async def feed(self) -> Wire:
+        """A front on the live feed."""
+        front = await self.open(Role.WEB)
+        reply = await self.ask(front, "WEB:subscribe:{}")
+        _check(reply.COMMAND == "subscribed", f"subscribe to the feed got {reply!r}")
+        return front
+
+    async def states_of(self, wire: Wire, build: str, until: Callable[[Any], bool]) -> list[Any]:
+        """The ``state:`` frames of ``build`` on ``wire`` until one satisfies ``until``."""
+        seen: list[Any] = []
+        async with asyncio.timeout(self.timeout):
+            while True:
+                message = await wire.recv(self.timeout)
+                if isinstance(message, Closed):
+                    raise _Fail("the front's connection closed")
+                if message.COMMAND == "state" and message.build.id == build:
+                    seen.append(message.build)
+                    if until(message.build):
+                        return seen
 
     async def ask(self, wire: Wire, frame: str) -> Any:
         """Send a request with a fresh req; return the reply (or error) to it."""
@@ -355,7 +413,7 @@ class ServerConformance:
         runner, api, build, _ = await self._running_build()
         reply = await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
         _check(reply.build.state is BuildState.CANCELLING, f"cancel answered {reply.build.state}")
-        cancel = await runner.expect("cancel", self.timeout)
+        cancel = await self.expect(runner, "cancel")
         _check(cancel.build == build, "cancel: named another build")
         await runner.send('RUNNER:process:{"finished": true, "success": false}')
         await self.until_state(api, build, {BuildState.CANCELLED}, self.timeout)
@@ -365,9 +423,15 @@ class ServerConformance:
             raise _Skip(f"the cancel timeout ({self.cancel_timeout:g} s) is longer than --max-wait")
         _runner, api, build, _ = await self._running_build()
         await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
-        await self.until_state(
-            api, build, {BuildState.CANCELLED}, self.cancel_timeout + self.timeout
-        )
+        try:
+            await self.until_state(
+                api, build, {BuildState.CANCELLED}, self.cancel_timeout + self.timeout
+            )
+        except _Fail as exc:
+            raise _Fail(
+                f"{exc} {self.cancel_timeout:g} s after a cancel the runner ignored: if the"
+                " server's --cancel-timeout is not that, give it with --cancel-timeout"
+            ) from None
 
     async def runner_loss(self) -> None:
         if self.lost_grace > self.max_wait:
@@ -376,9 +440,15 @@ class ServerConformance:
         await runner.close()
         info = await self.build(api, build)
         _check(info.state is BuildState.RUNNING, f"right after the loss the build is {info.state}")
-        info = await self.until_state(
-            api, build, {BuildState.QUEUED, BuildState.LOST}, self.lost_grace + self.timeout
-        )
+        try:
+            info = await self.until_state(
+                api, build, {BuildState.QUEUED, BuildState.LOST}, self.lost_grace + self.timeout
+            )
+        except _Fail as exc:
+            raise _Fail(
+                f"{exc} {self.lost_grace:g} s after its runner was lost: if the server's"
+                " --lost-grace is not that, give it with --lost-grace"
+            ) from None
         await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
         _check(info.state is BuildState.LOST or info.attempt == 2, f"after the grace: {info!r}")
 
@@ -426,6 +496,7 @@ class ServerConformance:
                 'RUNNER:process:{"finished": true, "success": true}',
             ),
             ("unknown_build", Role.API, [], 'API:get_build:{"build": "no-such-build"}'),
+            ("unknown_runner", Role.API, [], 'API:shutdown_runner:{"runner": "no-such-runner"}'),
             (
                 "bad_state",
                 Role.RUNNER,
@@ -463,16 +534,414 @@ class ServerConformance:
                 "unauthorized did not close with 1008",
             )
             seen.add("unauthorized")
+        if await self._rate_limited():
+            seen.add("rate_limited")
         missing = {c.value for c in ErrorCode} - seen
-        why = {
-            "unauthorized": "needs different tokens for API and WEB",
-            "role_mismatch": "needs a token that opens two roles",
-            "unavailable": "comes only from a server that cannot reach its shared state",
-            "rate_limited": "comes only past a per-connection limit (the request budget,"
-            " 1,000 subscriptions)",
+        # Codes that only some settings can produce: not checked, saying
+        # which setting would produce them. Any other code missing fails.
+        needs = {
+            "unauthorized": "not checked: give --api-token and --web-token of a server whose"
+            " API and WEB tokens differ",
+            "role_mismatch": "not checked: give a token that opens two roles (or none, to a"
+            " server with open roles)",
+            "unavailable": "not checked: only a cluster node that cannot reach its Redis"
+            " produces it",
         }
-        notes = [f"{code} {why.get(code, 'was not produced')}" for code in sorted(missing)]
+        failed = sorted(code for code in missing if code not in needs)
+        _check(not failed, f"never produced: {', '.join(failed)}")
+        notes = [f"{code} {needs[code]}" for code in sorted(missing)]
         return f"{len(seen)} codes" + (f" ({'; '.join(notes)})" if notes else "")
+
+    async def _rate_limited(self) -> bool:
+        """Past the request budget (2,000 at once, docs/protocol.md §4), a
+        request is answered rate_limited."""
+        front = await self.open(Role.WEB)
+        count = 2_200
+        for i in range(count):
+            if not await front.send(f'WEB:get_runners:{{"req": "b{i}"}}'):
+                break
+        limited = False
+        async with asyncio.timeout(self.timeout + 10):
+            for _ in range(count):
+                answer = await front.recv(self.timeout)
+                if isinstance(answer, Closed):
+                    raise _Fail(f"the connection closed ({answer.code}) during a burst")
+                if getattr(answer, "code", None) == "rate_limited":
+                    _check(answer.req is not None, "rate_limited without the request's req")
+                    limited = True
+        _check(limited, f"{count} requests at once were all answered: the budget is 2,000")
+        return True
+
+    # -- the rules of registration, resume and acknowledgement (§2, §5.4) --------------
+
+    async def session_secret(self) -> str:
+        t = self.fresh_type()
+        one, ready1 = await self.runner(t)
+        _two, ready2 = await self.runner(t)
+        for ready in (ready1, ready2):
+            _check(
+                isinstance(ready.session, str) and len(ready.session) >= 16,
+                f"session {ready.session!r}: a random secret (§5.6)",
+            )
+        _check(ready1.session != ready2.session, "two registrations got the same session")
+        await one.send(f'RUNNER:init:{{"type": {json.dumps(t)}, "protocol": 1}}')
+        again = await self.expect(one, "ready")
+        _check(
+            again.session == ready1.session and again.runner == ready1.runner,
+            "a repeated identical init is a no-op and gets the same ready",
+        )
+        return "a new secret for each registration"
+
+    async def resume_refused(self) -> str:
+        runner, api, build, ready = await self._running_build()
+        _other_runner, _api2, _other, other_ready = await self._running_build()
+        await runner.close()
+        wrong = [
+            ("a wrong secret", "x" + ready.session),
+            ("another build's secret", other_ready.session),
+            ("a secret of one character", "x"),
+        ]
+        for what, secret in wrong:
+            resume = f', "resume": {{"build": "{build}", "session": {json.dumps(secret)}}}'
+            _wire, refused = await self.runner(self.fresh_type(), resume)
+            _check(refused.resume is None, f"a resume with {what} was accepted")
+        info = await self.build(api, build)
+        _check(
+            info.state is BuildState.RUNNING and info.runner == ready.runner,
+            f"a refused resume changed the build: {info!r}",
+        )
+        resume = f', "resume": {{"build": "{build}", "session": {json.dumps(ready.session)}}}'
+        back, accepted = await self.runner(self.fresh_type(), resume)
+        _check(
+            accepted.resume is not None and accepted.resume.build == build,
+            "the right secret, after refused ones, was refused",
+        )
+        _check(accepted.session != ready.session, "a resume got the old session again")
+        await back.send('RUNNER:process:{"finished": true, "success": true}')
+        return f"{len(wrong)} wrong secrets refused, the right one accepted"
+
+    async def resume_elsewhere(self) -> str:
+        runner, api, build, ready = await self._running_build()
+        await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+        await self.expect(runner, "cancel")
+        resume = f', "resume": {{"build": "{build}", "session": {json.dumps(ready.session)}}}'
+        new, accepted = await self.runner(self.fresh_type(), resume)
+        _check(accepted.resume is not None, "a resume with the old connection open was refused")
+        closed = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                while not isinstance(closed, Closed):
+                    closed = await runner.recv(self.timeout)
+        except (TimeoutError, WireTimeout):
+            raise _Fail(
+                "the old connection stayed open after a resume elsewhere: it is closed with 4002"
+            ) from None
+        _check(closed.code == 4002, f"the old connection closed with {closed.code}, not 4002")
+        cancel = await self.expect(new, "cancel", skip=("ack",))
+        _check(cancel.build == build, "cancel: on the resumed connection named another build")
+        await new.send('RUNNER:process:{"finished": true, "success": false}')
+        await self.until_state(api, build, {BuildState.CANCELLED}, self.timeout)
+        return "4002 to the old connection, cancel: sent again"
+
+    async def acks(self) -> str:
+        t = self.fresh_type()
+        runner, ready = await self.runner(t, protocol=2)
+        _check(ready.protocol == 2, f"a runner that asked for protocol 2 got {ready.protocol}")
+        api = await self.open(Role.API)
+        build = await self.submit(api, t)
+        await self.expect(runner, "run")
+        for i in range(1, 6):
+            chunk = {"finished": False, "log": f"a{i}", "build": build, "seq": i}
+            await runner.send("RUNNER:process:" + json.dumps(chunk))
+        acked = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while acked < 5:
+                    ack = await runner.expect("ack", self.timeout)
+                    _check(ack.build == build, f"an ack names build {ack.build}")
+                    _check(
+                        ack.seq is not None and acked <= ack.seq <= 5,
+                        f"ack {ack!r} after {acked}",
+                    )
+                    acked = ack.seq
+        except (TimeoutError, WireTimeout):
+            raise _Fail(
+                f"chunks 1..5 acknowledged up to {acked} only within {self.timeout:g} s: a"
+                " protocol 2 runner's chunks get ack: once stored (§2.2)"
+            ) from None
+        await runner.send(
+            f'RUNNER:process:{{"finished": true, "success": true, "build": "{build}"}}'
+        )
+        try:
+            done = await runner.expect("ack", self.timeout)
+        except (TimeoutError, WireTimeout):
+            raise _Fail("no ack: with finished: true for the result (§2.2)") from None
+        _check(done.finished and done.build == build, f"the result's ack is {done!r}")
+        await self.until_state(api, build, {BuildState.SUCCESS}, self.timeout)
+        return "protocol 2, chunks and the result acknowledged"
+
+    async def no_acks_protocol_1(self) -> None:
+        runner, _api, _build, ready = await self._running_build()
+        _check(ready.protocol == 1, f"a protocol 1 runner was answered protocol {ready.protocol}")
+        for i in range(1, 4):
+            await runner.send(f'RUNNER:process:{{"finished": false, "log": "x", "seq": {i}}}')
+        await runner.send('RUNNER:process:{"finished": true, "success": true}')
+        await self.quiet(runner, {"ack", "error"}, 0.5)
+
+    async def cancel_final(self) -> None:
+        runner, api, build, _ = await self._running_build()
+        await runner.send('RUNNER:process:{"finished": true, "success": true}')
+        await self.until_state(api, build, {BuildState.SUCCESS}, self.timeout)
+        reply = await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+        _check(
+            reply.COMMAND == "error" and reply.code == "bad_state",
+            f"cancel of a finished build got {reply!r}, expected bad_state",
+        )
+        info = await self.build(api, build)
+        _check(info.state is BuildState.SUCCESS, f"the finished build became {info.state}")
+
+    async def shutdown_idle(self) -> None:
+        api = await self.open(Role.API)
+        reply = await self.ask(api, 'API:shutdown_runner:{"runner": "no-such-runner"}')
+        _check(
+            reply.COMMAND == "error" and reply.code == "unknown_runner",
+            f"shutdown_runner of an unknown runner got {reply!r}",
+        )
+        t = self.fresh_type()
+        runner, ready = await self.runner(t)
+        reply = await self.ask(api, f'API:shutdown_runner:{{"runner": "{ready.runner}"}}')
+        _check(reply.COMMAND == "runners", f"shutdown_runner got {reply!r}")
+        await self.expect(runner, "shutdown")
+        listed = (await self.ask(api, "API:get_runners:")).runners
+        _check(
+            all(r.id != ready.runner for r in listed),
+            "an idle runner told to shut down is still listed: it is removed at once",
+        )
+        build = await self.submit(api, t)
+        await self.quiet(runner, {"run"}, 0.3)
+        await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+
+    async def shutdown_busy(self) -> None:
+        runner, api, build, ready = await self._running_build()
+        t = (await self.build(api, build)).type
+        reply = await self.ask(api, f'API:shutdown_runner:{{"runner": "{ready.runner}"}}')
+        _check(reply.COMMAND == "runners", f"shutdown_runner got {reply!r}")
+        await self.expect(runner, "shutdown")
+        waiting = await self.submit(api, t)
+        listed = (await self.ask(api, "API:get_runners:")).runners
+        _check(
+            any(r.id == ready.runner and r.state.value == "RUNNING" for r in listed),
+            "a busy runner told to shut down must stay RUNNING until its result",
+        )
+        await runner.send('RUNNER:process:{"finished": true, "success": true, "leave": true}')
+        await self.until_state(api, build, {BuildState.SUCCESS}, self.timeout)
+        await self.quiet(runner, {"run"}, 0.5)
+        info = await self.build(api, waiting)
+        _check(
+            info.state is BuildState.QUEUED, f"the next build went to a leaving runner: {info!r}"
+        )
+        listed = (await self.ask(api, "API:get_runners:")).runners
+        _check(all(r.id != ready.runner for r in listed), "the runner is listed after leave")
+        await self.ask(api, f'API:cancel:{{"build": "{waiting}"}}')
+
+    async def seq_rules(self) -> None:
+        runner, api, build, _ = await self._running_build()
+        for seq in (1, 2):
+            await runner.send(
+                f'RUNNER:process:{{"finished": false, "log": "s{seq}", "seq": {seq}}}'
+            )
+        await runner.send('RUNNER:process:{"finished": false, "log": "again", "seq": 2}')
+        try:
+            await self.quiet(runner, {"error"}, 0.3)
+        except _Fail as exc:
+            raise _Fail(f"a seq sent again was answered ({exc}): it is ignored silently") from None
+        stored = (await self.build(api, build)).log_seq
+        _check(stored == 2, f"a seq sent again was stored again (log_seq {stored}): it is ignored")
+        await runner.send('RUNNER:process:{"finished": false, "log": "s4", "seq": 4}')
+        try:
+            answer = await runner.recv(self.timeout)
+        except WireTimeout:
+            answer = None
+        _check(
+            getattr(answer, "code", None) == "bad_state",
+            f"a seq that leaves a gap got {answer!r}, expected bad_state",
+        )
+        await runner.send('RUNNER:process:{"finished": false, "log": "s3", "seq": 3}')
+        await runner.send('RUNNER:process:{"finished": true, "success": true}')
+        info = await self.until_state(api, build, {BuildState.SUCCESS}, self.timeout)
+        _check(info.log_seq == 3, f"stored {info.log_seq} chunks, expected 3 (1, 2, 3)")
+        front = await self.open(Role.WEB)
+        await self.ask(front, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+        chunks = await self.follow_log(front, build, 3)
+        _check([t for _, t in chunks] == ["s1", "s2", "s3"], f"the log is {chunks}")
+
+    async def unregister(self) -> None:
+        runner, api, build, _ = await self._running_build()
+        await runner.send("RUNNER:unregister:")
+        await self.ask(api, "API:get_runners:")  # after the unregister, on the server
+        await asyncio.sleep(0.1)
+        info = await self.build(api, build)
+        _check(
+            info.state is BuildState.LOST
+            or (info.state is BuildState.QUEUED and info.attempt == 2),
+            f"after unregister the build is {info.state} (attempt {info.attempt}): unregister"
+            " loses it at once, without the lost-grace period (§5.4)",
+        )
+        if info.state is BuildState.QUEUED:
+            await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+
+    async def requeue(self) -> str:
+        runner, api, build, _ = await self._running_build()
+        front = await self.feed()
+        await runner.send("RUNNER:unregister:")
+        changes = await self.states_of(front, build, lambda b: b.state is not BuildState.RUNNING)
+        last = changes[-1]
+        if last.state is BuildState.LOST:
+            try:
+                await self.quiet(front, {"state"}, 0.3)  # lost for good: nothing follows
+            except _Fail:
+                raise _Fail(
+                    "the requeue was announced as lost, then queued: a requeue is one change"
+                    " (queued, attempt 2), never a lost that looks final (§5.4)"
+                ) from None
+            return "lost (the server does not requeue)"
+        _check(
+            last.state is BuildState.QUEUED and last.attempt == 2 and last.runner is None,
+            f"a requeue is one change to queued, attempt 2, no runner: got {last!r}",
+        )
+        info = await self.build(api, build)
+        _check(
+            info.state is BuildState.QUEUED and info.attempt == 2,
+            f"after the requeue get_build says {info.state}, attempt {info.attempt}:"
+            " expected queued, attempt 2",
+        )
+        await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+        return "one change: queued, attempt 2"
+
+    # -- listings, dispatch, logs (§3, §5.2, §5.5) ----------------------------------------
+
+    async def builds_order(self) -> None:
+        api = await self.open(Role.API)
+        t = self.fresh_type()
+        made = [await self.submit(api, t) for _ in range(4)]
+        reply = await self.ask(api, '{"limit": 100}'.join(("API:get_builds:", "")))
+        ids = [b.id for b in reply.builds if b.id in made]
+        _check(ids == made[::-1], f"get_builds: {ids}, expected newest first {made[::-1]}")
+        page = await self.ask(api, f'API:get_builds:{{"limit": 2, "before": "{made[3]}"}}')
+        _check(
+            [b.id for b in page.builds] == [made[2], made[1]],
+            f"the page before {made[3]}: {[b.id for b in page.builds]}",
+        )
+        for build in made:
+            await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+
+    async def dispatch_longest_waiting(self) -> None:
+        t = self.fresh_type()
+        first, _ = await self.runner(t)
+        await asyncio.sleep(0.05)
+        second, _ = await self.runner(t)
+        api = await self.open(Role.API)
+        build = await self.submit(api, t)
+        try:
+            await self.quiet(second, {"run"}, 0.3)
+        except _Fail:
+            raise _Fail(
+                "the build went to the runner that waited least: the longest waiting gets it (§5.2)"
+            ) from None
+        run = await self.expect(first, "run")
+        _check(run.build == build, "the first runner got another build")
+        await first.send('RUNNER:process:{"finished": true, "success": true}')
+        # Now the second runner has waited longest.
+        again = await self.submit(api, t)
+        run = await self.expect(second, "run")
+        _check(run.build == again, "the next build did not go to the runner that waited longest")
+        await second.send('RUNNER:process:{"finished": true, "success": true}')
+
+    async def log_time(self) -> None:
+        runner, _api, build, _ = await self._running_build()
+        front = await self.open(Role.WEB)
+        await self.ask(front, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+        before = time.time()
+        await runner.send('RUNNER:process:{"finished": false, "log": "when"}')
+        async with asyncio.timeout(self.timeout):
+            while True:
+                message = await front.recv(self.timeout)
+                if isinstance(message, Closed):
+                    raise _Fail("the front's connection closed")
+                if message.COMMAND == "log":
+                    break
+        _check(message.time is not None, "a live log: frame has no time")
+        from datetime import datetime
+
+        when = datetime.fromisoformat(message.time.replace("Z", "+00:00")).timestamp()
+        _check(
+            abs(when - before) < 60 and message.time.endswith("Z") and len(message.time) == 24,
+            f"time {message.time!r}: RFC 3339 UTC with milliseconds, when it was received",
+        )
+        await runner.send('RUNNER:process:{"finished": true, "success": true}')
+
+    async def runner_gone(self) -> None:
+        front = await self.feed()
+        runner, ready = await self.runner(self.fresh_type())
+        await runner.close()
+        async with asyncio.timeout(self.timeout):
+            while True:
+                message = await front.recv(self.timeout)
+                if isinstance(message, Closed):
+                    raise _Fail("the feed's connection closed")
+                mine = message.COMMAND == "runner" and message.runner.id == ready.runner
+                if mine and message.gone:
+                    break
+        api = await self.open(Role.API)
+        listed = (await self.ask(api, "API:get_runners:")).runners
+        _check(all(r.id != ready.runner for r in listed), "a runner that left is still listed")
+
+    async def limits(self) -> str:
+        api = await self.open(Role.API)
+        t = self.fresh_type()
+        limit = 256 * 1024
+
+        def run_frame(size: int) -> str:
+            head = f'{{"repo": "r", "type": "{t}", "script": ["'
+            tail = '"]}'
+            return "API:run:" + head + "x" * (size - len(head) - len(tail)) + tail
+
+        fits = run_frame(limit)
+        await api.send(fits)
+        answer = await api.recv(self.timeout)
+        _check(answer.COMMAND == "queued", f"a build definition of 256 KiB got {answer!r}")
+        await self.ask(api, f'API:cancel:{{"build": "{answer.build}"}}')
+        await api.send(run_frame(limit + 1))
+        answer = await api.recv(self.timeout)
+        _check(
+            getattr(answer, "code", None) == "too_large",
+            f"a build definition of 256 KiB + 1 byte got {answer!r}, expected too_large",
+        )
+        for size, ok in ((256, True), (257, False)):
+            name = "é" * (size // 2) + "x" * (size % 2)  # bytes of UTF-8, not characters
+            wire = await self.open(Role.RUNNER)
+            await wire.send("RUNNER:init:" + json.dumps({"type": name, "protocol": 1}))
+            answer = await wire.recv(self.timeout)
+            got = answer.COMMAND == "ready"
+            _check(got == ok, f"a type of {size} bytes (UTF-8) got {answer!r}")
+        for size, echoed in ((256, True), (257, False)):
+            req = "r" * size
+            await api.send("API:get_runners:" + json.dumps({"req": req}))
+            answer = await api.recv(self.timeout)
+            if echoed:
+                _check(answer.req == req, f"a req of {size} bytes was not echoed: {answer!r}")
+            else:
+                _check(
+                    answer.COMMAND == "error" and answer.req is None,
+                    f"a req of {size} bytes got {answer!r}: refused, and not echoed",
+                )
+        await api.send('API:get_build:{"build": "no-such-build", "req": "echo-me"}')
+        answer = await api.recv(self.timeout)
+        _check(
+            answer.COMMAND == "error" and answer.req == "echo-me",
+            f"an error's req was not echoed: {answer!r}",
+        )
+        return "build definition, type and req at their limits"
 
     async def permissions(self) -> None:
         front = await self.open(Role.WEB)

@@ -384,7 +384,27 @@ def _req_of(payload: object) -> str | None:
     return None
 
 
+def _defaulted_keys(cls: type[Any]) -> frozenset[str]:
+    """The payload keys of ``cls`` whose default is not null: null there
+    means the default (docs/protocol.md §1.1)."""
+    if not attrs.has(cls):
+        return frozenset()
+    return frozenset(
+        "from" if a.name == "from_" else a.name
+        for a in attrs.fields(cls)
+        if a.default is not attrs.NOTHING and a.default is not None and a.init
+    )
+
+
+_DEFAULTED: dict[type[Any], frozenset[str]] = {}
+
+
 def _structure(cls: type[Any], payload: dict[str, Any], **extra: Any) -> Any:
+    keys = _DEFAULTED.get(cls)
+    if keys is None:
+        keys = _DEFAULTED[cls] = _defaulted_keys(cls)
+    if keys and any(payload.get(k, 0) is None for k in keys):
+        payload = {k: v for k, v in payload.items() if v is not None or k not in keys}
     try:
         if extra:
             return _STRUCTURE[cls]({**payload, **extra})

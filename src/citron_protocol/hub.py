@@ -1013,7 +1013,9 @@ class Hub:
 
     # -- builds -----------------------------------------------------------------------
 
-    def _transition(self, build: _Build, event: BuildEvent, **changes: Any) -> None:
+    def _transition(
+        self, build: _Build, event: BuildEvent, *, notify: bool = True, **changes: Any
+    ) -> None:
         state = next_build_state(build.state, event)
         if state.finished:
             self._finishing.append(build)
@@ -1024,7 +1026,8 @@ class Hub:
             if state is not BuildState.LOST:  # a lost build may be requeued: see _lose
                 build.secrets = None  # of no more use: not kept a moment longer
         self._save(build, state=state, **changes)
-        self._notify_build(build)
+        if notify:
+            self._notify_build(build)
 
     def _append_log(
         self,
@@ -1115,11 +1118,14 @@ class Hub:
         unlink(build)
         attempt = build.record.attempt
         was_cancelling = build.state is BuildState.CANCELLING
-        self._transition(build, BuildEvent.LOSE)
+        requeue = not was_cancelling and attempt <= self.config.retry_lost
+        # A requeue is one change for followers (queued, attempt + 1), never
+        # a lost that looks final (docs/protocol.md §5.4); the store keeps both.
+        self._transition(build, BuildEvent.LOSE, notify=not requeue)
         if was_cancelling:
             build.secrets = None
             return
-        if attempt <= self.config.retry_lost:
+        if requeue:
             self._notice(
                 build, f"attempt {attempt} lost its runner; requeued as attempt {attempt + 1}"
             )

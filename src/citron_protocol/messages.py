@@ -200,6 +200,11 @@ def _opt_short_text(inst: object, a: attrs.Attribute[Any], value: object) -> Non
         _short(a, value)
 
 
+def _opt_short_nonempty_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _short_nonempty_text(inst, a, value)
+
+
 def _opt_nonempty_text(inst: object, a: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _nonempty_text(inst, a, value)
@@ -579,7 +584,7 @@ class SubmitBuild:
 
     repo: str = attrs.field(validator=_nonempty_text)
     script: tuple[str, ...] = attrs.field(converter=_to_tuple, validator=_script)
-    type: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
+    type: str | None = attrs.field(default=None, validator=_opt_short_nonempty_text)
     ref: str | None = attrs.field(default=None, validator=_opt_nonempty_text)
     env: dict[str, str] | None = attrs.field(default=None, converter=_to_dict, validator=_opt_env)
     timeout: float | None = attrs.field(default=None, validator=_opt_duration)

@@ -606,3 +606,36 @@ def test_the_example_frames_of_the_spec_decode() -> None:
     assert len(frames) >= 10
     for frame in frames:
         decode(frame)  # raises on a frame that breaks the contract
+
+
+def test_null_is_the_default_of_an_optional_key_and_no_value_of_a_required_one() -> None:
+    """docs/protocol.md §1.1: an optional key set to null is the key left out."""
+    pairs = [
+        ('RUNNER:init:{"type": "t", "protocol": null}', 'RUNNER:init:{"type": "t"}'),
+        (
+            'RUNNER:process:{"finished": true, "success": true, "leave": null}',
+            'RUNNER:process:{"finished": true, "success": true}',
+        ),
+        ('API:get_builds:{"limit": null, "state": null}', "API:get_builds:{}"),
+        ('WEB:subscribe:{"build": "b", "from": null}', 'WEB:subscribe:{"build": "b"}'),
+        ('API:run:{"repo": "r", "script": [], "ref": null}', 'API:run:{"repo": "r", "script": []}'),
+    ]
+    for with_null, without in pairs:
+        assert decode(with_null) == decode(without), with_null
+    for bad in ('API:run:{"repo": null, "script": []}', 'API:run:{"repo": "r", "script": null}'):
+        with pytest.raises(InvalidPayload):
+            decode(bad)
+
+
+def test_integers_are_written_as_integers() -> None:
+    for number in ("2.0", "5e1", "1e999", "-1", "9007199254740993", "true"):
+        with pytest.raises(InvalidPayload, match=r"\$\.protocol"):
+            decode(f'RUNNER:init:{{"type": "t", "protocol": {number}}}')
+    assert decode('RUNNER:init:{"type": "t", "protocol": 2}').protocol == 2  # type: ignore[union-attr]
+
+
+def test_a_run_type_is_as_long_as_a_runner_type_at_most() -> None:
+    fits = "é" * 128  # 256 bytes of UTF-8, 128 characters
+    assert decode(f'API:run:{{"repo": "r", "script": [], "type": "{fits}"}}').type == fits  # type: ignore[union-attr]
+    with pytest.raises(InvalidPayload, match="at most 256 bytes"):
+        decode(f'API:run:{{"repo": "r", "script": [], "type": "{fits}x"}}')

@@ -403,6 +403,29 @@ def test_lost_builds_are_requeued_once(h: Harness) -> None:
     assert [seq for seq, _ in h.log_of(build)] == [1, 2, 3, 4]
 
 
+def test_a_requeue_is_one_change_and_a_final_loss_is_announced(h: Harness) -> None:
+    """docs/protocol.md §5.4: followers see queued (attempt 2), never a lost
+    first; the store keeps both records."""
+    r, build, _, _api = _running(h)
+    feed = h.connect([Role.WEB])
+    h.send(feed, "WEB:subscribe:{}")
+    follower = h.connect([Role.WEB])
+    h.send(follower, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+    h.recv(follower)
+    h.disconnect(r)
+    h.advance(60)
+    for conn in (feed, follower):
+        states = [(m.build.state, m.build.attempt) for m in h.recv(conn) if m.COMMAND == "state"]
+        assert states == [(BuildState.QUEUED, 2)], states
+    r2 = h.runner()
+    h.recv(r2)
+    h.recv(feed)
+    h.disconnect(r2)
+    h.advance(60)  # no retry left: lost, and said so
+    states = [m.build.state for m in h.recv(feed) if m.COMMAND == "state"]
+    assert states == [BuildState.LOST]
+
+
 def test_retry_count_is_configurable() -> None:
     h = Harness(HubConfig(retry_lost=0, lost_grace=5))
     r, build, _, _ = _running(h)
