@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from citron_protocol import BuildInfo, BuildState, LogChunk, Role, RunnerInfo
@@ -197,7 +198,16 @@ def build_parser() -> _Parser:
     p.add_argument("--connections", type=int, default=1, help="connections per role")
     p.add_argument("--max-frame", type=int, default=1024 * 1024, help="the server's frame limit")
     p.add_argument(
-        "--replay", metavar="FRAME", help="send this one frame (a JSON string) and check it"
+        "--replay",
+        metavar="FRAME|FILE",
+        help="send this one frame (a JSON string) and check it; with --model, a file of"
+        " frames, one ROLE:command:payload a line",
+    )
+    p.add_argument(
+        "--model",
+        action="store_true",
+        help="compare every answer with citron_protocol's hub, the reference model (a fresh"
+        " server with citron's default settings)",
     )
 
     p = sub.add_parser(
@@ -445,6 +455,8 @@ async def _fuzz(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     roles = list(Role) if args.role == "ALL" else [Role(args.role)]
+    if args.model:
+        return await _fuzz_model(args, seed)
     await _reachable(args.url, _tokens(args)[roles[0]], args.ca)
     fuzzer = Fuzzer(
         args.url,
@@ -471,6 +483,40 @@ async def _fuzz(args: argparse.Namespace) -> int:
     else:
         report.print(args.url, seed, sys.stdout)
     return 1 if report.violations else 0
+
+
+async def _fuzz_model(args: argparse.Namespace, seed: int) -> int:
+    from .model import ModelFuzzer
+
+    frames = None
+    if args.replay is not None:
+        frames = _frames_file(args.replay)
+    await _reachable(args.url, _tokens(args)[Role.API], args.ca)
+    fuzzer = ModelFuzzer(args.url, _tokens(args), frames=args.frames, seed=seed, ca=args.ca)
+    report = await fuzzer.run(frames)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        report.print(sys.stdout)
+    return 1 if report.differences else 0
+
+
+def _frames_file(path: str) -> list[tuple[str, Role, str]]:
+    """Frames to replay: one ``ROLE:command:payload`` a line; empty lines
+    and lines that start with ``#`` are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--replay {path}: {exc}") from None
+    frames = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        role = line.partition(":")[0]
+        if role not in {r.value for r in Role}:
+            raise UsageError(f"--replay {path}, line {n}: not ROLE:command:payload")
+        frames.append(("replay", Role(role), line))
+    return frames
 
 
 async def _conformance(args: argparse.Namespace) -> int:

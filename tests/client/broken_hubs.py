@@ -3,7 +3,7 @@
 test-only subclass, served by the real websockets transport in-process.
 
 Each entry of :data:`BROKEN` is ``name -> (make, check, why)``: ``make()``
-returns the broken hub; ``check`` is the conformance check named for the
+(or ``make(config)``) returns the broken hub; ``check`` is the conformance check named for the
 broken rule, which must fail; ``why`` is what its failure must say.
 
 A rule is broken in one of three ways: a handler overridden, the frames the
@@ -90,7 +90,7 @@ def outgoing(rewrite: Callable[[str], str | None]) -> Callable[[], Hub]:
         def outgoing(self, conn: Any, text: str) -> str | None:
             return rewrite(text)
 
-    return lambda: Out(RandomIds(), FAST)
+    return lambda config=FAST: Out(RandomIds(), config)
 
 
 def incoming(rewrite: Callable[[str], str]) -> Callable[[], Hub]:
@@ -98,7 +98,7 @@ def incoming(rewrite: Callable[[str], str]) -> Callable[[], Hub]:
         def incoming(self, text: str) -> str:
             return rewrite(text)
 
-    return lambda: In(RandomIds(), FAST)
+    return lambda config=FAST: In(RandomIds(), config)
 
 
 def change_client(head: str, change: Callable[[dict[str, Any]], None]) -> Callable[[str], str]:
@@ -137,7 +137,7 @@ def drop(command: str) -> Callable[[str], str | None]:
 
 def subclass(**methods: Any) -> Callable[[], Hub]:
     cls = type("Broken", (Hub,), methods)
-    return lambda: cls(RandomIds(), FAST)
+    return lambda config=FAST: cls(RandomIds(), config)
 
 
 # -- broken handlers ----------------------------------------------------------------
@@ -163,7 +163,7 @@ class _ShortSecret(RandomIds):
 
 
 def _with_ids(ids: RandomIds) -> Callable[[], Hub]:
-    return lambda: Hub(ids, FAST)
+    return lambda config=FAST: Hub(ids, config)
 
 
 def _ack_always(self: Any, c: Any, build: Any, seq: int | None = None) -> None:
@@ -271,8 +271,8 @@ class _NewestBuild(Scheduler):
 
 
 def _with_scheduler(kind: type[Scheduler]) -> Callable[[], Hub]:
-    def make() -> Hub:
-        hub = Hub(RandomIds(), FAST)
+    def make(config: HubConfig = FAST) -> Hub:
+        hub = Hub(RandomIds(), config)
         hub._scheduler = kind()
         return hub
 
@@ -386,7 +386,7 @@ def _no_gone_runner_frame(body: dict[str, Any]) -> Any:
 
 
 #: name -> (make the broken hub, the check that must catch it, what it says)
-BROKEN: dict[str, tuple[Callable[[], Hub], str, str]] = {
+BROKEN: dict[str, tuple[Callable[..., Hub], str, str]] = {
     # registration and sessions (§2, §5.6)
     "resume_any_secret": (
         subclass(_resumable=_resumable_any_secret),
@@ -471,9 +471,9 @@ BROKEN: dict[str, tuple[Callable[[], Hub], str, str]] = {
         "requeue",
         "attempt 2",
     ),
-    "no_4002": (lambda: _No4002(RandomIds(), FAST), "resume_elsewhere", "4002"),
+    "no_4002": (lambda config=FAST: _No4002(RandomIds(), config), "resume_elsewhere", "4002"),
     "no_cancel_on_resume": (
-        lambda: _NoCancelOnResume(RandomIds(), FAST),
+        lambda config=FAST: _NoCancelOnResume(RandomIds(), config),
         "resume_elsewhere",
         "cancel",
     ),
@@ -546,7 +546,7 @@ BROKEN: dict[str, tuple[Callable[[], Hub], str, str]] = {
     ),
     # limits and errors (§1, §4)
     "no_build_definition_limit": (
-        lambda: Hub(RandomIds(), attrs.evolve(FAST, max_build_bytes=1024 * 1024)),
+        lambda config=FAST: Hub(RandomIds(), attrs.evolve(config, max_build_bytes=1024 * 1024)),
         "limits",
         "too_large",
     ),
@@ -561,7 +561,9 @@ BROKEN: dict[str, tuple[Callable[[], Hub], str, str]] = {
         "not echoed",
     ),
     "no_rate_limit": (
-        lambda: Hub(RandomIds(), attrs.evolve(FAST, request_burst=10**6, request_rate=10**6)),
+        lambda config=FAST: Hub(
+            RandomIds(), attrs.evolve(config, request_burst=10**6, request_rate=10**6)
+        ),
         "error_codes",
         "2,000",
     ),

@@ -1,0 +1,508 @@
+"""``citron fuzz --model``: a server's answers against the spec's own
+implementation.
+
+An in-memory :class:`~citron_protocol.Hub`, configured like the server under
+test, is the **reference model**. The fuzzer opens one connection per role
+to the server and the same three to the model, and sends each frame to both,
+one at a time: after each frame it reads from the server exactly the frames
+the model sent on each connection (its replies, and what the frame pushed to
+the others: a ``run:`` to the runner, a ``state:`` to the front) and compares
+them, and a close with its code.
+
+What may legitimately differ is said here, in code, not by accepting
+anything:
+
+- ids, session secrets and times are the server's choice: both sides'
+  frames are compared with each id and secret replaced by its rank of first
+  appearance (so ``b-7f3a`` and ``build-3`` are both ``#3`` if they came
+  third), and every time by ``<time>``;
+- an error's ``message`` is for people: only its ``code`` and ``req`` are
+  compared;
+- ``ack:`` frames come when the server's store makes the chunks durable,
+  which no model can say: they are not compared (``citron conformance``'s
+  ``acks`` check covers them).
+
+The frames: drawn with a seed from :mod:`citron_protocol.strategies` (valid,
+invalid, the legacy runner's), weighted edge cases of every rule the decoder
+knows (integers written as ``2.0``, lone surrogates, limits just under and
+over), and frames that reach the server's state: an ``init`` with a known
+session, requests naming builds and runners that exist (each side gets its
+own id for the same build). The server must be fresh (no other client): the
+model starts empty.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from citron_protocol import Hub, HubConfig, Role
+from citron_protocol.hub import CountingIds, Effects
+from citron_protocol.records import MemoryStore
+
+from .wire import Closed, Wire, WireTimeout
+
+__all__ = ["Difference", "ModelFuzzer", "ModelHost", "ModelReport", "Normal"]
+
+#: Keys whose string value is a time (compared as ``<time>``).
+TIME_KEYS = frozenset({"created", "started", "finished", "time"})
+#: Server commands whose objects' ``id`` names a runner (else a build).
+RUNNER_OBJECTS = frozenset({"runners", "runner", "ready"})
+#: API and WEB requests a connection sends before it is replaced by a fresh
+#: one (within the request budget of docs/protocol.md §4, on both sides).
+ROTATE_AFTER = 1_500
+
+
+class ModelHost:
+    """A hub hosted in memory, as a server hosts it: a store that is
+    durable at once, frames kept per connection, closes done."""
+
+    def __init__(self, config: HubConfig | None = None) -> None:
+        self.hub = Hub(CountingIds(), config)
+        self.store = MemoryStore()
+        self.inbox: dict[int, list[str]] = defaultdict(list)
+        self.closed: dict[int, int] = {}
+
+    def connect(self, conn: int, now: float) -> None:
+        self.apply(self.hub.connect(conn, list(Role), now), now)
+
+    def receive(self, conn: int, text: str, now: float) -> None:
+        self.apply(self.hub.advance(now), now)
+        self.apply(self.hub.receive(conn, text, now), now)
+
+    def disconnect(self, conn: int, now: float) -> None:
+        self.closed.setdefault(conn, 1006)
+        self.apply(self.hub.disconnect(conn, now), now)
+
+    def take(self, conn: int) -> list[str]:
+        frames, self.inbox[conn] = self.inbox[conn], []
+        return frames
+
+    def apply(self, fx: Effects, now: float) -> None:
+        self.store.apply(fx.records)
+        for conn, text in fx.sends:
+            if isinstance(conn, int) and conn not in self.closed:
+                self.inbox[conn].append(text)
+        for close in fx.closes:
+            if isinstance(close.conn, int):
+                self.closed.setdefault(close.conn, close.code)
+        for close in fx.closes:
+            self.apply(self.hub.disconnect(close.conn, now), now)
+        for load in fx.loads:
+            chunks = self.store.read_log(
+                load.build, load.after, load.until, load.limit, load.max_bytes
+            )
+            self.apply(self.hub.log_loaded(load.request, chunks, now), now)
+        for find in fx.finds:
+            self.apply(self.hub.builds_found(find.request, self.store.find_builds(find), now), now)
+        # (fx.acks: not compared, see the module's text.)
+
+
+class Normal:
+    """One side's frames with ids and secrets replaced by their rank of
+    first appearance, times by ``<time>``, error messages left out."""
+
+    def __init__(self) -> None:
+        self.ranks: dict[str, str] = {}
+        self.values: dict[str, str] = {}  # rank -> this side's value
+        self.kinds: dict[str, str] = {}  # rank -> "build", "runner" or "session"
+
+    def frame(self, text: str) -> str:
+        command, _, payload = text.partition(":")
+        try:
+            value = json.loads(payload) if payload else None
+        except ValueError:
+            return text
+        return command + ":" + json.dumps(self._walk(value, command, None), sort_keys=True)
+
+    def _rank(self, value: str, kind: str) -> str:
+        rank = self.ranks.get(value)
+        if rank is None:
+            rank = self.ranks[value] = f"#{len(self.ranks) + 1}"
+            self.values[rank] = value
+            self.kinds[rank] = kind
+        return rank
+
+    def _walk(self, value: Any, command: str, key: str | None) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if k == "message" and command == "error":
+                    continue
+                out[k] = self._walk(v, command, k)
+            return out
+        if isinstance(value, list):
+            return [self._walk(v, command, key) for v in value]
+        if not isinstance(value, str):
+            return value
+        if key in TIME_KEYS:
+            return "<time>"
+        if key == "session":
+            return self._rank(value, "session")
+        if key == "build" or (key == "id" and command not in RUNNER_OBJECTS):
+            return self._rank(value, "build")
+        if key == "runner" or (key == "id" and command in RUNNER_OBJECTS):
+            return self._rank(value, "runner")
+        return value
+
+
+@attrs.frozen
+class Difference:
+    """A step where the server's frames were not the model's."""
+
+    step: int
+    role: str  # the connection the frames were read on
+    sent: str  # the frame sent (as the server got it)
+    expected: list[str]
+    got: list[str]
+
+
+@attrs.define
+class ModelReport:
+    seed: int
+    steps: int = 0
+    compared: int = 0  # frames compared
+    differences: list[Difference] = attrs.Factory(list)
+    kinds: dict[str, int] = attrs.Factory(dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "compared": self.compared,
+            "kinds": self.kinds,
+            "differences": [attrs.asdict(d) for d in self.differences],
+        }
+
+    def print(self, out: Any) -> None:
+        print(f"citron fuzz --model, seed {self.seed}", file=out)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
+        print(
+            f"frames sent: {self.steps} ({kinds}); server frames compared: {self.compared}",
+            file=out,
+        )
+        print(f"differences from the model: {len(self.differences)}", file=out)
+        for d in self.differences[:20]:
+            print(f"  step {d.step}, sent {d.sent[:200]!r}", file=out)
+            print(f"    on {d.role}: the model sent {d.expected}", file=out)
+            print(f"    the server sent       {d.got}", file=out)
+
+
+class _Side:
+    """One role's connection on both sides."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.wire: Wire | None = None
+        self.conn = 0
+        self.requests = 0
+        self.init: tuple[str, str] | None = None  # the runner's init, as each side got it
+
+
+class ModelFuzzer:
+    """Sends the same frames to a server and to the model; see the module."""
+
+    def __init__(
+        self,
+        url: str,
+        tokens: dict[Role, str | None] | None = None,
+        *,
+        frames: int = 10_000,
+        seed: int = 0,
+        timeout: float = 5.0,
+        config: HubConfig | None = None,
+        ca: str | None = None,
+        stop_after: int = 20,
+    ) -> None:
+        self.url, self.tokens, self.ca = url, tokens or {}, ca
+        self.frames, self.seed, self.timeout = frames, seed, timeout
+        self.model = ModelHost(config)
+        self.report = ModelReport(seed=seed)
+        self.server_names = Normal()
+        self.model_names = Normal()
+        self.sides = {role: _Side(role) for role in Role}
+        self.stop_after = stop_after
+        self._conns = 0
+
+    # -- the frames ---------------------------------------------------------------------
+
+    def frames_to_send(self) -> list[tuple[str, Role, str]]:
+        """(kind, role, frame), drawn with the seed."""
+        from citron_protocol import strategies as cst
+
+        from .fuzz import draw
+
+        rng = random.Random(self.seed)
+        n = self.frames
+        out: list[tuple[str, Role, str]] = []
+        for i, role in enumerate(Role):
+            share = n // 3
+            out += [
+                ("valid", role, f) for f in draw(cst.frames(role), share * 5 // 10, self.seed + i)
+            ]
+            out += [
+                ("invalid", role, f)
+                for f in draw(cst.invalid_frames(), share // 10, self.seed + 7 + i)
+            ]
+        out += [
+            ("legacy", Role.RUNNER, f)
+            for f, _ in draw(cst.legacy_log_frames(), n // 20, self.seed + 13)
+        ]
+        edges = edge_frames()
+        out += [("edge", role, frame) for role, frame in edges]
+        while len(out) < n:
+            out.append(("state", *rng.choice(STATE_FRAMES)))
+        rng.shuffle(out)
+        return out[:n] if len(out) > n else out
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, frames: Sequence[tuple[str, Role, str]] | None = None) -> ModelReport:
+        todo = list(frames) if frames is not None else self.frames_to_send()
+        rng = random.Random(self.seed + 1)
+        try:
+            for step, (kind, role, frame) in enumerate(todo, 1):
+                if isinstance(frame, bytes) or len(frame) > 512 * 1024:
+                    continue  # (the transport's business, not the hub's)
+                server_text, model_text = self._aim(frame, rng)
+                await self.step(step, kind, role, server_text, model_text)
+                if len(self.report.differences) >= self.stop_after:
+                    break
+            await self._drain(len(todo) + 1)
+        finally:
+            for side in self.sides.values():
+                if side.wire is not None:
+                    await side.wire.close()
+        return self.report
+
+    async def step(
+        self, step: int, kind: str, role: Role, server_text: str, model_text: str
+    ) -> None:
+        """Send one frame to both sides and compare what comes back. A
+        runner frame that gets no answer is followed by a fence: the
+        runner's own ``init`` again, a no-op answered ``ready`` (§2), so
+        that the server has taken the frame before the next one is sent
+        on another connection."""
+        answered = await self._step(step, kind, role, server_text, model_text)
+        runner = self.sides[Role.RUNNER]
+        if role is Role.RUNNER and not answered and runner.wire is not None and runner.init:
+            await self._step(step, "fence", role, *runner.init)
+
+    async def _step(
+        self, step: int, kind: str, role: Role, server_text: str, model_text: str
+    ) -> bool:
+        side = self.sides[role]
+        if side.wire is None or (role is not Role.RUNNER and side.requests >= ROTATE_AFTER):
+            await self._open(side)
+        assert side.wire is not None
+        side.requests += 1
+        self.report.steps += 1
+        self.report.kinds[kind] = self.report.kinds.get(kind, 0) + 1
+        now = time.time()
+        await side.wire.send(server_text)
+        self.model.receive(side.conn, model_text, now)
+        answered = False
+        for other in self.sides.values():
+            if other.wire is None:
+                continue
+            expected = self.model.take(other.conn)
+            if other is side:
+                answered = bool(expected)
+                if role is Role.RUNNER and any(t.startswith("ready:") for t in expected):
+                    side.init = (server_text, model_text)
+            closing = self.model.closed.get(other.conn)
+            got, closed = await self._read(other.wire, len(expected), closing is not None)
+            self._compare(step, other, server_text, expected, got)
+            if closing is not None:
+                if closed is None or closed.code != closing:
+                    self._differ(
+                        step, other, server_text, [f"(close {closing})"], [f"(close {closed})"]
+                    )
+                other.wire = None
+            elif closed is not None:
+                self._differ(step, other, server_text, ["(open)"], [f"(close {closed.code})"])
+                self.model.disconnect(other.conn, now)
+                other.wire = None
+        return answered
+
+    async def _open(self, side: _Side) -> None:
+        if side.wire is not None:
+            await side.wire.close()
+            self.model.disconnect(side.conn, time.time())
+            self.model.take(side.conn)
+        side.wire = await Wire.open(self.url, self.tokens.get(side.role), ca=self.ca)
+        self._conns += 1
+        side.conn = self._conns
+        side.requests = 0
+        side.init = None
+        self.model.connect(side.conn, time.time())
+
+    async def _read(
+        self, wire: Wire, count: int, until_close: bool
+    ) -> tuple[list[str], Closed | None]:
+        """``count`` frames from the server (acks passed over), and its close
+        if one comes (waited for when ``until_close``)."""
+        got: list[str] = []
+        while len(got) < count or until_close:
+            try:
+                text = await wire.recv_text(self.timeout)
+            except WireTimeout:
+                return got, None
+            if isinstance(text, Closed):
+                return got, text
+            if text.startswith("ack:"):
+                continue
+            got.append(text)
+        return got, None
+
+    async def _drain(self, step: int) -> None:
+        """What the server still sends that the model did not."""
+        for side in self.sides.values():
+            if side.wire is None:
+                continue
+            while True:
+                try:
+                    text = await side.wire.recv_text(0.3)
+                except WireTimeout:
+                    break
+                if isinstance(text, Closed):
+                    break
+                if not text.startswith("ack:"):
+                    self._differ(step, side, "(end of the run)", [], [text])
+
+    def _compare(
+        self, step: int, side: _Side, sent: str, expected: list[str], got: list[str]
+    ) -> None:
+        want = [self.model_names.frame(t) for t in expected if not t.startswith("ack:")]
+        have = [self.server_names.frame(t) for t in got]
+        self.report.compared += len(have)
+        if want != have:
+            self._differ(step, side, sent, want, have)
+
+    def _differ(
+        self, step: int, side: _Side, sent: str, expected: list[str], got: list[str]
+    ) -> None:
+        self.report.differences.append(
+            Difference(step=step, role=side.role.value, sent=sent, expected=expected, got=got)
+        )
+
+    # -- aiming frames at what exists -----------------------------------------------------
+
+    def _aim(self, frame: str, rng: random.Random) -> tuple[str, str]:
+        """The frame as sent to the server and to the model: fields that name
+        a build, a runner or a session name one that exists, often, each
+        side its own."""
+        role, sep, rest = frame.partition(":")
+        command, sep2, payload = rest.partition(":")
+        if not (sep and sep2) or not payload.startswith("{"):
+            return frame, frame
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return frame, frame
+        if not isinstance(body, dict):
+            return frame, frame
+        server_body, model_body = dict(body), dict(body)
+        aimed = False
+        for key, kind in (("build", "build"), ("runner", "runner"), ("before", "build")):
+            if key in body and rng.random() < 0.7:
+                pair = self._known(kind, rng)
+                if pair is not None:
+                    server_body[key], model_body[key] = pair
+                    aimed = True
+        resume = body.get("resume")
+        if isinstance(resume, dict) and rng.random() < 0.7:
+            build, session = self._known("build", rng), self._known("session", rng)
+            if build is not None and session is not None:
+                server_body["resume"] = {"build": build[0], "session": session[0]}
+                model_body["resume"] = {"build": build[1], "session": session[1]}
+                aimed = True
+        if not aimed:
+            return frame, frame
+        head = f"{role}:{command}:"
+        return head + json.dumps(server_body), head + json.dumps(model_body)
+
+    def _known(self, kind: str, rng: random.Random) -> tuple[str, str] | None:
+        server, model = self.server_names, self.model_names
+        ranks = [r for r, k in server.kinds.items() if k == kind and r in model.values]
+        if not ranks:
+            return None
+        rank = rng.choice(ranks)
+        return server.values[rank], model.values[rank]
+
+
+#: Frames that move the server's state along (ids aimed by ``_aim``).
+STATE_FRAMES: list[tuple[Role, str]] = [
+    (Role.RUNNER, 'RUNNER:init:{"type": "simple", "protocol": 1}'),
+    (Role.RUNNER, 'RUNNER:init:{"type": "other", "protocol": 2}'),
+    (Role.RUNNER, 'RUNNER:init:{"type": "simple", "resume": {"build": "b", "session": "s"}}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "line\\n"}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "seq", "seq": 1}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "gap", "seq": 5}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": true, "success": true}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": true, "success": false, "build": "b"}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": true, "success": true, "leave": true}'),
+    (Role.RUNNER, "RUNNER:unregister:"),
+    (Role.API, 'API:run:{"repo": "https://example.org/r.git", "script": ["make"]}'),
+    (Role.API, 'API:run:{"repo": "r", "script": ["a", "b"], "type": "other"}'),
+    (Role.API, 'API:run:{"repo": "r", "script": [], "type": "nobody"}'),
+    (Role.API, 'API:cancel:{"build": "b"}'),
+    (Role.API, 'API:shutdown_runner:{"runner": "r"}'),
+    (Role.API, 'API:get_build:{"build": "b"}'),
+    (Role.API, 'API:get_builds:{"limit": 3, "before": "b"}'),
+    (Role.API, "API:get_runners:"),
+    (Role.WEB, 'WEB:subscribe:{"build": "b", "from": 0}'),
+    (Role.WEB, 'WEB:subscribe:{"build": "b", "from": 1}'),
+    (Role.WEB, 'WEB:unsubscribe:{"build": "b"}'),
+    (Role.WEB, "WEB:subscribe:{}"),
+    (Role.WEB, "WEB:unsubscribe:{}"),
+    (Role.WEB, 'WEB:get_builds:{"state": "queued"}'),
+]
+
+
+def edge_frames() -> list[tuple[Role, str]]:
+    """A frame at each edge of a rule the decoder knows (docs/protocol.md §1,
+    §3): on both sides of it."""
+    fits, over = "é" * 128, "é" * 128 + "x"
+    head = '{"repo": "r", "type": "nobody", "script": ["'
+
+    def run_of(size: int) -> str:
+        return "API:run:" + head + "x" * (size - len(head) - 3) + '"]}'
+
+    return [
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "protocol": 2.0}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "protocol": 5e1}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "protocol": 1e999}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "protocol": null}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "protocol": 9007199254740993}'),
+        (Role.RUNNER, f'RUNNER:init:{{"type": "{fits}"}}'),
+        (Role.RUNNER, f'RUNNER:init:{{"type": "{over}"}}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "\\ud800"}'),
+        (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "x", "seq": 0}'),
+        (
+            Role.RUNNER,
+            'RUNNER:process:{"finished": true, "success": true, "exit_code": 2147483648}',
+        ),
+        (Role.API, 'API:run:{"repo": "r", "script": [], "secrets": {"A": "abc"}}'),
+        (
+            Role.API,
+            'API:run:{"repo": "r", "script": [], "type": "nobody", "secrets": {"A": "😀😀😀😀"}}',
+        ),
+        (Role.API, 'API:run:{"repo": "r", "script": [], "timeout": 0}'),
+        (Role.API, f'API:run:{{"repo": "r", "script": [], "type": "{over}"}}'),
+        (Role.API, run_of(256 * 1024)),
+        (Role.API, run_of(256 * 1024 + 1)),
+        (Role.API, 'API:get_builds:{"limit": 1001}'),
+        (Role.API, 'API:get_builds:{"limit": 0}'),
+        (Role.API, 'API:get_builds:{"limit": 2.0}'),
+        (Role.API, "API:get_runners:" + json.dumps({"req": "r" * 256})),
+        (Role.API, "API:get_runners:" + json.dumps({"req": "r" * 257})),
+        (Role.WEB, 'WEB:run:{"repo": "r", "script": []}'),
+        (Role.WEB, 'WEB:subscribe:{"build": "nope", "from": -1}'),
+    ]
