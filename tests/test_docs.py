@@ -86,6 +86,7 @@ NOT_CODE = {
     "docs/operations.md#6": "an nginx configuration: citron's side of it (Host) is tested by"
     " tests/server/test_security.py",
     "docs/testing-tools.md#3": "output of citron fuzz",
+    "docs/testing-tools.md#4": "output of citron fuzz --model (tests/client/test_model.py runs it)",
 }
 #: Blocks run by this file.
 HERE = {

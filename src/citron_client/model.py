@@ -33,8 +33,10 @@ model starts empty.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,8 +52,12 @@ from .wire import Closed, Wire, WireTimeout
 
 __all__ = ["Difference", "ModelFuzzer", "ModelHost", "ModelReport", "Normal"]
 
-#: Keys whose string value is a time (compared as ``<time>``).
+#: Keys whose string value is a time (compared as ``<time>`` when it is one).
 TIME_KEYS = frozenset({"created", "started", "finished", "time"})
+#: A time as docs/protocol.md §1.1 writes it; any other text is compared as it is.
+TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+#: The shortest session secret docs/protocol.md §2 allows.
+MIN_SESSION = 16
 #: Server commands whose objects' ``id`` names a runner (else a build).
 RUNNER_OBJECTS = frozenset({"runners", "runner", "ready"})
 #: API and WEB requests a connection sends before it is replaced by a fresh
@@ -59,12 +65,20 @@ RUNNER_OBJECTS = frozenset({"runners", "runner", "ready"})
 ROTATE_AFTER = 1_500
 
 
+class ModelIds(CountingIds):
+    """Counted ids, and secrets as long as a server's must be."""
+
+    def new_secret(self) -> str:
+        number = super().new_secret().rpartition("-")[2]
+        return "secret-" + number.zfill(25)
+
+
 class ModelHost:
     """A hub hosted in memory, as a server hosts it: a store that is
     durable at once, frames kept per connection, closes done."""
 
     def __init__(self, config: HubConfig | None = None) -> None:
-        self.hub = Hub(CountingIds(), config)
+        self.hub = Hub(ModelIds(), config)
         self.store = MemoryStore()
         self.inbox: dict[int, list[str]] = defaultdict(list)
         self.closed: dict[int, int] = {}
@@ -141,10 +155,12 @@ class Normal:
             return [self._walk(v, command, key) for v in value]
         if not isinstance(value, str):
             return value
-        if key in TIME_KEYS:
+        if key in TIME_KEYS and TIME.fullmatch(value):
             return "<time>"
         if key == "session":
-            return self._rank(value, "session")
+            # (A secret's value is the server's; that it is long enough is not.)
+            short = "" if len(value) >= MIN_SESSION else " (too short)"
+            return self._rank(value, "session") + short
         if key == "build" or (key == "id" and command not in RUNNER_OBJECTS):
             return self._rank(value, "build")
         if key == "runner" or (key == "id" and command in RUNNER_OBJECTS):
@@ -190,19 +206,67 @@ class ModelReport:
         print(f"differences from the model: {len(self.differences)}", file=out)
         for d in self.differences[:20]:
             print(f"  step {d.step}, sent {d.sent[:200]!r}", file=out)
-            print(f"    on {d.role}: the model sent {d.expected}", file=out)
-            print(f"    the server sent       {d.got}", file=out)
+            print(f"    on {d.role}: the model sent {_short(d.expected)}", file=out)
+            print(f"    the server sent       {_short(d.got)}", file=out)
+
+
+def _short(frames: list[str], limit: int = 600) -> str:
+    text = repr(frames)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _same_cut(want: str, have: str) -> tuple[str, str]:
+    """A listing cut short to stay within the reply size (``more: true``)
+    holds as many objects as fit, which depends on the length of the ids,
+    the server's choice: of two cut listings, the common part is compared
+    (and ``more`` left out)."""
+    command, _, payload = want.partition(":")
+    key = {"builds": "builds", "runners": "runners"}.get(command)
+    if key is None or not have.startswith(command + ":"):
+        return want, have
+    try:
+        w, h = json.loads(payload), json.loads(have.partition(":")[2])
+    except ValueError:
+        return want, have
+    if not (isinstance(w, dict) and isinstance(h, dict) and (w.get("more") or h.get("more"))):
+        return want, have
+    if not (isinstance(w.get(key), list) and isinstance(h.get(key), list)):
+        return want, have
+    n = min(len(w[key]), len(h[key]))
+    for body in (w, h):
+        body[key] = body[key][:n]
+        body.pop("more", None)
+    return (
+        f"{command}:{json.dumps(w, sort_keys=True)}",
+        f"{command}:{json.dumps(h, sort_keys=True)}",
+    )
+
+
+def _kind_of(frame: str) -> str:
+    """A normalized frame's command and req."""
+    command, _, payload = frame.partition(":")
+    try:
+        req = json.loads(payload).get("req") if payload else None
+    except (ValueError, AttributeError):
+        req = None
+    return f"{command}: req {req!r}"
 
 
 class _Side:
-    """One role's connection on both sides."""
+    """One connection of a role, on both sides."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, name: str) -> None:
         self.role = role
+        self.name = name
         self.wire: Wire | None = None
         self.conn = 0
         self.requests = 0
         self.init: tuple[str, str] | None = None  # the runner's init, as each side got it
+        # What this runner was last given, on each side (server, model): to
+        # aim a resume or a cancel at a build that runs.
+        self.session: tuple[str, str] | None = None
+        self.build: tuple[str, str] | None = None
+        self.runner: tuple[str, str] | None = None
 
 
 class ModelFuzzer:
@@ -226,7 +290,12 @@ class ModelFuzzer:
         self.report = ModelReport(seed=seed)
         self.server_names = Normal()
         self.model_names = Normal()
-        self.sides = {role: _Side(role) for role in Role}
+        # Two runners (dispatch among waiting runners, a resume elsewhere),
+        # one backend, one front.
+        self.sides = {
+            name: _Side(Role(name.rstrip("2")), name)
+            for name in ("RUNNER", "RUNNER2", "API", "WEB")
+        }
         self.stop_after = stop_after
         self._conns = 0
 
@@ -254,12 +323,15 @@ class ModelFuzzer:
             ("legacy", Role.RUNNER, f)
             for f, _ in draw(cst.legacy_log_frames(), n // 20, self.seed + 13)
         ]
-        edges = edge_frames()
-        out += [("edge", role, frame) for role, frame in edges]
-        while len(out) < n:
+        while len(out) < n - len(edge_frames()):
             out.append(("state", *rng.choice(STATE_FRAMES)))
         rng.shuffle(out)
-        return out[:n] if len(out) > n else out
+        # The edges of the rules early, among the first frames (a short run
+        # reaches them too).
+        edges = [("edge", role, frame) for role, frame in edge_frames()]
+        mixed = out[: 4 * len(edges)] + edges
+        rng.shuffle(mixed)
+        return (mixed + out[4 * len(edges) :])[: max(n, len(edges))]
 
     # -- running ------------------------------------------------------------------------
 
@@ -271,10 +343,14 @@ class ModelFuzzer:
                 if isinstance(frame, bytes) or len(frame) > 512 * 1024:
                     continue  # (the transport's business, not the hub's)
                 server_text, model_text = self._aim(frame, rng)
-                await self.step(step, kind, role, server_text, model_text)
+                name = role.value
+                if role is Role.RUNNER and rng.random() < 0.5:
+                    name = "RUNNER2"
+                await self.step(step, kind, name, server_text, model_text)
                 if len(self.report.differences) >= self.stop_after:
                     break
-            await self._drain(len(todo) + 1)
+            else:
+                await self._drain(len(todo) + 1)
         finally:
             for side in self.sides.values():
                 if side.wire is not None:
@@ -282,22 +358,23 @@ class ModelFuzzer:
         return self.report
 
     async def step(
-        self, step: int, kind: str, role: Role, server_text: str, model_text: str
+        self, step: int, kind: str, name: str, server_text: str, model_text: str
     ) -> None:
         """Send one frame to both sides and compare what comes back. A
         runner frame that gets no answer is followed by a fence: the
         runner's own ``init`` again, a no-op answered ``ready`` (§2), so
         that the server has taken the frame before the next one is sent
         on another connection."""
-        answered = await self._step(step, kind, role, server_text, model_text)
-        runner = self.sides[Role.RUNNER]
-        if role is Role.RUNNER and not answered and runner.wire is not None and runner.init:
-            await self._step(step, "fence", role, *runner.init)
+        answered = await self._step(step, kind, name, server_text, model_text)
+        side = self.sides[name]
+        if side.role is Role.RUNNER and not answered and side.wire is not None and side.init:
+            await self._step(step, "fence", name, *side.init)
 
     async def _step(
-        self, step: int, kind: str, role: Role, server_text: str, model_text: str
+        self, step: int, kind: str, name: str, server_text: str, model_text: str
     ) -> bool:
-        side = self.sides[role]
+        side = self.sides[name]
+        role = side.role
         if side.wire is None or (role is not Role.RUNNER and side.requests >= ROTATE_AFTER):
             await self._open(side)
         assert side.wire is not None
@@ -305,19 +382,27 @@ class ModelFuzzer:
         self.report.steps += 1
         self.report.kinds[kind] = self.report.kinds.get(kind, 0) + 1
         now = time.time()
-        await side.wire.send(server_text)
-        self.model.receive(side.conn, model_text, now)
+        if server_text == CLOSE:
+            await side.wire.close()
+            await asyncio.sleep(CLOSE_SETTLE)  # for the server to see it
+            self.model.disconnect(side.conn, now)
+            side.wire = None
+        else:
+            await side.wire.send(server_text)
+            self.model.receive(side.conn, model_text, now)
         answered = False
         for other in self.sides.values():
             if other.wire is None:
                 continue
             expected = self.model.take(other.conn)
+            self._learn(other, expected, 1)
             if other is side:
                 answered = bool(expected)
                 if role is Role.RUNNER and any(t.startswith("ready:") for t in expected):
                     side.init = (server_text, model_text)
             closing = self.model.closed.get(other.conn)
             got, closed = await self._read(other.wire, len(expected), closing is not None)
+            self._learn(other, got, 0)
             self._compare(step, other, server_text, expected, got)
             if closing is not None:
                 if closed is None or closed.code != closing:
@@ -376,11 +461,41 @@ class ModelFuzzer:
                 if not text.startswith("ack:"):
                     self._differ(step, side, "(end of the run)", [], [text])
 
+    @staticmethod
+    def _learn(side: _Side, frames: list[str], which: int) -> None:
+        """Note the session and build a runner was given (``which``: 0 the
+        server's frames, 1 the model's)."""
+        for text in frames:
+            command, _, payload = text.partition(":")
+            if command not in ("ready", "run"):
+                continue
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                continue
+            keys = ("session", "runner") if command == "ready" else ("build",)
+            for key in keys:
+                value = body.get(key) if isinstance(body, dict) else None
+                if not isinstance(value, str):
+                    continue
+                pair = list(getattr(side, key) or ("", ""))
+                pair[which] = value
+                setattr(side, key, (pair[0], pair[1]))
+
     def _compare(
         self, step: int, side: _Side, sent: str, expected: list[str], got: list[str]
     ) -> None:
         want = [self.model_names.frame(t) for t in expected if not t.startswith("ack:")]
         have = [self.server_names.frame(t) for t in got]
+        if sent.startswith(("API:get_runners:", "WEB:get_runners:")) and '"after"' in sent:
+            # Which runners sort after `after`, and in which order, depends on
+            # the ids, which are the server's choice: only the reply's kind
+            # and req are the spec's.
+            want = [_kind_of(t) for t in want]
+            have = [_kind_of(t) for t in have]
+        if len(want) == len(have):
+            pairs = [_same_cut(w, h) for w, h in zip(want, have, strict=True)]
+            want, have = [w for w, _ in pairs], [h for _, h in pairs]
         self.report.compared += len(have)
         if want != have:
             self._differ(step, side, sent, want, have)
@@ -389,7 +504,7 @@ class ModelFuzzer:
         self, step: int, side: _Side, sent: str, expected: list[str], got: list[str]
     ) -> None:
         self.report.differences.append(
-            Difference(step=step, role=side.role.value, sent=sent, expected=expected, got=got)
+            Difference(step=step, role=side.name, sent=sent, expected=expected, got=got)
         )
 
     # -- aiming frames at what exists -----------------------------------------------------
@@ -410,15 +525,28 @@ class ModelFuzzer:
             return frame, frame
         server_body, model_body = dict(body), dict(body)
         aimed = False
+        runners = [s for s in self.sides.values() if s.role is Role.RUNNER and s.build]
         for key, kind in (("build", "build"), ("runner", "runner"), ("before", "build")):
             if key in body and rng.random() < 0.7:
                 pair = self._known(kind, rng)
+                if key == "build" and runners and rng.random() < 0.5:
+                    pair = rng.choice(runners).build  # a build that runs (or ran)
+                mine = [s.runner for s in self.sides.values() if s.runner and s.wire]
+                if key == "runner" and mine and rng.random() < 0.6:
+                    pair = rng.choice(mine)  # one of the fuzzer's runners
                 if pair is not None:
                     server_body[key], model_body[key] = pair
                     aimed = True
         resume = body.get("resume")
         if isinstance(resume, dict) and rng.random() < 0.7:
             build, session = self._known("build", rng), self._known("session", rng)
+            held = [s for s in runners if s.session]
+            if held and rng.random() < 0.7:  # the session of the runner given the build
+                chosen = rng.choice(held)
+                build, session = chosen.build, chosen.session
+                other = self._known("session", rng)
+                if other is not None and rng.random() < 0.4:
+                    session = other  # ... or another one, which must be refused
             if build is not None and session is not None:
                 server_body["resume"] = {"build": build[0], "session": session[0]}
                 model_body["resume"] = {"build": build[1], "session": session[1]}
@@ -437,8 +565,15 @@ class ModelFuzzer:
         return server.values[rank], model.values[rank]
 
 
+#: Not a frame: the runner's connection closes (a lost runner; another may
+#: resume its build).
+CLOSE = "(close)"
+#: Seconds given to the server to take a close before the next frame.
+CLOSE_SETTLE = 0.05
+
 #: Frames that move the server's state along (ids aimed by ``_aim``).
 STATE_FRAMES: list[tuple[Role, str]] = [
+    (Role.RUNNER, CLOSE),
     (Role.RUNNER, 'RUNNER:init:{"type": "simple", "protocol": 1}'),
     (Role.RUNNER, 'RUNNER:init:{"type": "other", "protocol": 2}'),
     (Role.RUNNER, 'RUNNER:init:{"type": "simple", "resume": {"build": "b", "session": "s"}}'),
