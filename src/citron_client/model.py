@@ -639,5 +639,7 @@ def edge_frames() -> list[tuple[Role, str]]:
         (Role.API, "API:get_runners:" + json.dumps({"req": "r" * 256})),
         (Role.API, "API:get_runners:" + json.dumps({"req": "r" * 257})),
         (Role.WEB, 'WEB:run:{"repo": "r", "script": []}'),
+        (Role.API, 'API:get_runners:{"a_later_key": {"x": [1, null]}}'),
+        (Role.RUNNER, 'RUNNER:init:{"type": "t", "later": true, "protocol": 1}'),
         (Role.WEB, 'WEB:subscribe:{"build": "nope", "from": -1}'),
     ]
