@@ -153,6 +153,9 @@ class ServerConformance:
             ("log_time", self.log_time),
             ("runner_gone", self.runner_gone),
             ("limits", self.limits),
+            ("values", self.values),
+            ("cancelling_lost", self.cancelling_lost),
+            ("feed_once", self.feed_once),
         ]
 
     async def run(self) -> list[CheckResult]:
@@ -942,6 +945,86 @@ class ServerConformance:
             f"an error's req was not echoed: {answer!r}",
         )
         return "build definition, type and req at their limits"
+
+    async def values(self) -> str:
+        """docs/protocol.md §1.1 and §5.6: what an integer, a name and a
+        secret are, at their edges."""
+        api = await self.open(Role.API)
+        t = self.fresh_type()
+        cases: list[tuple[str, str, bool]] = [
+            ("an integer written 2.0", '{"type": "T", "protocol": 2.0}', False),
+            ("an integer written 5e1", '{"type": "T", "protocol": 5e1}', False),
+            ("an integer of 2^53 + 1", '{"type": "T", "protocol": 9007199254740993}', False),
+            ("null for an optional key", '{"type": "T", "protocol": null}', True),
+            ("a lone surrogate", '{"type": "T", "name": "\\ud800"}', False),
+            ("a name of 256 bytes", '{"type": "T", "name": "' + "é" * 128 + '"}', True),
+            ("a name of 257 bytes", '{"type": "T", "name": "' + "é" * 128 + 'x"}', False),
+        ]
+        for what, payload, ok in cases:
+            wire = await self.open(Role.RUNNER)
+            await wire.send("RUNNER:init:" + payload.replace("T", t))
+            answer = await wire.recv(self.timeout)
+            if ok:
+                _check(answer.COMMAND == "ready", f"init with {what} got {answer!r}")
+            else:
+                _check(
+                    getattr(answer, "code", None) == "invalid_payload",
+                    f"init with {what} got {answer!r}, expected invalid_payload",
+                )
+        secrets_cases = [("abc", False), ("😀😀", False), ("😀😀😀😀", True)]
+        for value, ok in secrets_cases:
+            body = {"repo": "r", "script": [], "type": t, "secrets": {"S": value}}
+            reply = await self.ask(api, "API:run:" + json.dumps(body, ensure_ascii=False))
+            if ok:
+                _check(reply.COMMAND == "queued", f"a secret of 4 characters got {reply!r}")
+                await self.ask(api, f'API:cancel:{{"build": "{reply.build}"}}')
+            else:
+                _check(
+                    getattr(reply, "code", None) == "invalid_payload",
+                    f"a secret {value!r} ({len(value)} characters) got {reply!r}: at least 4"
+                    " characters, counted in code points",
+                )
+        return "integers, null, surrogates, names and secrets at their edges"
+
+    async def cancelling_lost(self) -> None:
+        runner, api, build, _ = await self._running_build()
+        await self.ask(api, f'API:cancel:{{"build": "{build}"}}')
+        await self.expect(runner, "cancel")
+        await runner.send("RUNNER:unregister:")
+        await self.ask(api, "API:get_runners:")
+        info = await self.build(api, build)
+        _check(
+            info.state is BuildState.CANCELLED,
+            f"a cancelling build whose runner is lost is {info.state}: it becomes cancelled (§5.4)",
+        )
+
+    async def feed_once(self) -> None:
+        """A connection that follows a build and the feed gets each state: once."""
+        front = await self.feed()
+        runner, _api, build, _ = await self._running_build()
+        await self.ask(front, f'WEB:subscribe:{{"build": "{build}", "from": 0}}')
+        await runner.send('RUNNER:process:{"finished": true, "success": true}')
+        seen: list[Any] = []
+        async with asyncio.timeout(self.timeout):
+            while not any(b.state is BuildState.SUCCESS for b in seen):
+                message = await front.recv(self.timeout)
+                if isinstance(message, Closed):
+                    raise _Fail("the front's connection closed")
+                if message.COMMAND == "state" and message.build.id == build:
+                    seen.append(message.build)
+        with contextlib.suppress(WireTimeout):
+            while True:
+                message = await front.recv(0.3)
+                if isinstance(message, Closed):
+                    break
+                if message.COMMAND == "state" and message.build.id == build:
+                    seen.append(message.build)
+        finals = [b for b in seen if b.state is BuildState.SUCCESS]
+        _check(
+            len(finals) == 1,
+            f"the success of a build followed twice (the build and the feed) came"
+            f" {len(finals)} times: each state: once per connection (§5.5)",
+        )
 
     async def permissions(self) -> None:
         front = await self.open(Role.WEB)

@@ -619,12 +619,15 @@ def edge_frames() -> list[tuple[Role, str]]:
         (Role.RUNNER, f'RUNNER:init:{{"type": "{fits}"}}'),
         (Role.RUNNER, f'RUNNER:init:{{"type": "{over}"}}'),
         (Role.RUNNER, 'RUNNER:init:{"type": "\\ud800"}'),
+        (Role.RUNNER, f'RUNNER:init:{{"type": "t", "name": "{fits}"}}'),
+        (Role.RUNNER, f'RUNNER:init:{{"type": "t", "name": "{over}"}}'),
         (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "x", "seq": 0}'),
         (
             Role.RUNNER,
             'RUNNER:process:{"finished": true, "success": true, "exit_code": 2147483648}',
         ),
         (Role.API, 'API:run:{"repo": "r", "script": [], "secrets": {"A": "abc"}}'),
+        (Role.API, 'API:run:{"repo": "r", "script": [], "secrets": {"A": "😀😀"}}'),
         (
             Role.API,
             'API:run:{"repo": "r", "script": [], "type": "nobody", "secrets": {"A": "😀😀😀😀"}}',

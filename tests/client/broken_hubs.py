@@ -375,7 +375,7 @@ def _type_limit_in_characters(text: str) -> str:
         parsed = _client(text)
         if parsed is not None and isinstance(parsed[1].get("type"), str):
             t = parsed[1]["type"]
-            if len(t) <= 256 < len(t.encode()):
+            if len(t) <= 256 < len(t.encode("utf-8", "surrogatepass")):
                 parsed[1]["type"] = t[:128]
                 return f"{parsed[0]}:{json.dumps(parsed[1])}"
     return text
@@ -383,6 +383,68 @@ def _type_limit_in_characters(text: str) -> str:
 
 def _no_gone_runner_frame(body: dict[str, Any]) -> Any:
     return not body.get("gone")
+
+
+def _cancelling_lost_as_lost(self: Any, build: Any) -> None:
+    if build.state is BuildState.CANCELLING:
+        from citron_protocol.states import BuildEvent
+
+        # As if the cancel had never been asked: lost, like a running build.
+        self._save(build, state=BuildState.RUNNING)
+        Hub._transition(self, build, BuildEvent.LOSE)
+        build.secrets = None
+        return
+    Hub._lose(self, build)
+
+
+def _notify_each_way(self: Any, build: Any) -> None:
+    """state: to the build's followers and to the feed, without seeing that
+    a connection is both."""
+    from citron_protocol.codec import encode
+    from citron_protocol.messages import StateChange
+
+    if not build.subs and not self._feed:
+        return
+    frame = encode(StateChange(build=build.info()))
+    for sub in build.subs.values():
+        self._send_raw(sub.conn.id, "state", frame)
+    for conn in self._feed:
+        self._send_raw(conn, "state", frame)
+
+
+def _integers_leniently(text: str) -> str:
+    # A server whose JSON reader makes 2.0 and 5e1 integers.
+    return text.replace('"protocol": 2.0', '"protocol": 2').replace(
+        '"protocol": 5e1', '"protocol": 50'
+    )
+
+
+def _surrogates_replaced(text: str) -> str:
+    return text.replace("\\ud800", "?")
+
+
+def _name_limit_in_characters(text: str) -> str:
+    if text.startswith("RUNNER:init:"):
+        parsed = _client(text)
+        if parsed is not None and isinstance(parsed[1].get("name"), str):
+            name = parsed[1]["name"]
+            if len(name) <= 256 < len(name.encode("utf-8", "surrogatepass")):
+                parsed[1]["name"] = name[:128]
+                return f"{parsed[0]}:{json.dumps(parsed[1])}"
+    return text
+
+
+def _secrets_in_utf16_units(text: str) -> str:
+    # A server that counts a secret's length in UTF-16 units: two emoji pass.
+    if text.startswith("API:run:"):
+        parsed = _client(text)
+        if parsed is not None and isinstance(parsed[1].get("secrets"), dict):
+            secrets = parsed[1]["secrets"]
+            for name, value in secrets.items():
+                if isinstance(value, str) and len(value) < 4 <= len(value.encode("utf-16-le")) // 2:
+                    secrets[name] = value + "...."
+            return f"{parsed[0]}:{json.dumps(parsed[1])}"
+    return text
 
 
 #: name -> (make the broken hub, the check that must catch it, what it says)
@@ -573,4 +635,22 @@ BROKEN: dict[str, tuple[Callable[..., Hub], str, str]] = {
         "no_build",
     ),
     "web_may_submit": (incoming(_web_may_run), "permissions", "WEB:run"),
+    "cancelling_lost_as_lost": (
+        subclass(_lose=_cancelling_lost_as_lost),
+        "cancelling_lost",
+        "becomes cancelled",
+    ),
+    "state_twice_to_a_follower_on_the_feed": (
+        subclass(_notify_build=_notify_each_way),
+        "feed_once",
+        "came 2 times",
+    ),
+    "integers_read_leniently": (incoming(_integers_leniently), "values", "2.0"),
+    "lone_surrogates_replaced": (incoming(_surrogates_replaced), "values", "surrogate"),
+    "name_limit_in_characters": (incoming(_name_limit_in_characters), "values", "257 bytes"),
+    "secret_length_in_utf16_units": (
+        incoming(_secrets_in_utf16_units),
+        "values",
+        "code points",
+    ),
 }
