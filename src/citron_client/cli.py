@@ -237,6 +237,14 @@ def build_parser() -> _Parser:
         "--check", action="append", default=[], metavar="NAME", help="run only this check (repeat)"
     )
     p.add_argument(
+        "--model",
+        type=int,
+        default=0,
+        metavar="N",
+        help="server: compare N frames with the reference model first (a fresh server with"
+        " citron's default settings)",
+    )
+    p.add_argument(
         "--protocol-only",
         action="store_true",
         help="runner: skip the checks that need script lines run as shell commands"
@@ -551,6 +559,7 @@ async def _conformance(args: argparse.Namespace) -> int:
             timeout=args.timeout or 5.0,
             ca=args.ca,
             only=args.check,
+            model=args.model,
         )
         _known_checks(args.check, [name for name, _ in checker.checks])
         await _reachable(args.url, _tokens(args)[Role.WEB], args.ca)

@@ -112,9 +112,11 @@ class ServerConformance:
         timeout: float = 5.0,
         ca: str | None = None,
         only: Sequence[str] = (),
+        model: int = 0,
     ) -> None:
         self.url = url
         self.only = list(only)
+        self.model_frames = model
         self.tokens = tokens or {}
         self.ca = ca
         self.lost_grace, self.cancel_timeout = lost_grace, cancel_timeout
@@ -124,6 +126,7 @@ class ServerConformance:
     @property
     def checks(self) -> list[tuple[str, Callable[[], Awaitable[str | None]]]]:
         return [
+            ("model", self.model),  # first: the model starts from an empty server
             ("registration", self.registration),
             ("dispatch_fifo", self.dispatch_fifo),
             ("type_matching", self.type_matching),
@@ -1025,6 +1028,34 @@ class ServerConformance:
             f"the success of a build followed twice (the build and the feed) came"
             f" {len(finals)} times: each state: once per connection (§5.5)",
         )
+
+    async def model(self) -> str:
+        """``citron fuzz --model`` as a check: the server's answers to
+        ``--model N`` frames equal the reference model's (the server must be
+        fresh, with citron's default settings)."""
+        if not self.model_frames:
+            raise _Skip(
+                "give --model N to compare N frames with the reference model"
+                " (a fresh server with citron's default settings)"
+            )
+        try:
+            import hypothesis  # noqa: F401
+        except ImportError:
+            raise _Skip("needs the fuzz extra: pip install 'citron[fuzz]'") from None
+        from .model import ModelFuzzer
+
+        fuzzer = ModelFuzzer(
+            self.url, self.tokens, frames=self.model_frames, seed=1, ca=self.ca, stop_after=1
+        )
+        report = await fuzzer.run()
+        if report.differences:
+            d = report.differences[0]
+            raise _Fail(
+                f"step {d.step}: after {d.sent[:200]!r} the model sent {d.expected} on"
+                f" {d.role}, the server {d.got} (citron fuzz URL --model --seed 1"
+                f" --frames {self.model_frames} shows them all)"
+            )
+        return f"{report.steps} frames, {report.compared} answers equal the model's"
 
     async def permissions(self) -> None:
         front = await self.open(Role.WEB)

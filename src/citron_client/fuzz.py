@@ -41,6 +41,7 @@ from citron_protocol.codec import parse_client, split_client
 from citron_protocol.messages import Queued, RunnerInit, ShutdownRunner
 
 from .connection import ClientError
+from .model import edge_frames
 from .wire import Closed, Wire, WireTimeout
 
 __all__ = ["DOCUMENTED_CLOSES", "Case", "Fuzzer", "Report", "Violation"]
@@ -238,6 +239,9 @@ class Fuzzer:
             raw += [
                 ("legacy", role, f) for f, _ in draw(cst.legacy_log_frames(), n_legacy, seed + 13)
             ]
+            # The edges of every rule the oracle knows (the decoder's), on
+            # both sides: integers written 2.0, lone surrogates, limits.
+            raw += [("edge", role, f) for r, f in edge_frames() if r is role]
             raw.append(("binary", role, b"\x00\x01citron"))
             raw.append(("oversized", role, f"{role}:get_runners:" + "x" * (self.max_frame + 1)))
             other = Role.API if role is not Role.API else Role.WEB

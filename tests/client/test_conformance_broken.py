@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from citron_client.conformance import FAIL, PASS, SKIP, ServerConformance
-from citron_protocol import Hub, Role
+from citron_protocol import Hub, HubConfig, Role
 from citron_server.host import Host, RandomIds
 from citron_server.metrics import Metrics
 from citron_server.security import Auth, Gate
@@ -46,7 +46,7 @@ class Served:
         await self.server.close()  # type: ignore[attr-defined]
 
 
-def conformance(url: str, *only: str) -> ServerConformance:
+def conformance(url: str, *only: str, model: int = 0) -> ServerConformance:
     return ServerConformance(
         url,
         lost_grace=FAST.lost_grace,
@@ -54,15 +54,29 @@ def conformance(url: str, *only: str) -> ServerConformance:
         max_wait=5,
         timeout=2,
         only=only,
+        model=model,
     )
 
 
 async def test_the_unbroken_hub_passes_every_check() -> None:
     async with Served(Hub(RandomIds(), FAST)) as url:
         results = await conformance(url).run()
-    failed = [r for r in results if r.status != PASS]
+    # (The model check needs citron's default timers: below.)
+    failed = [r for r in results if r.status != PASS and r.name != "model"]
     assert failed == [], failed
     assert len(results) == len(conformance("ws://x/ws").checks)
+    (model,) = [r for r in results if r.name == "model"]
+    assert model.status == SKIP and "give --model N" in model.detail
+
+
+async def test_the_model_check_compares_with_the_reference_model() -> None:
+    async with Served(Hub(RandomIds(), HubConfig())) as url:
+        (result,) = await conformance(url, "model", model=600).run()
+    assert result.status == PASS and "answers equal the model's" in result.detail, result
+    make, _, _ = BROKEN["get_builds_oldest_first"]
+    async with Served(make(HubConfig())) as url:
+        (result,) = await conformance(url, "model", model=600).run()
+    assert result.status == FAIL and "the model sent" in result.detail, result
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
@@ -82,5 +96,4 @@ def test_the_broken_servers_cover_every_category() -> None:
     # or tokens (runner loss after the grace, the cancel timeout are run by
     # the unbroken hub above with a 1 s grace).
     untested = {name for name, _ in conformance("ws://x/ws").checks} - checks
-    assert untested <= {"registration", "cancel_timeout", "runner_loss_requeue"}, untested
-    assert SKIP  # (a name the tool reports with)
+    assert untested <= {"registration", "cancel_timeout", "runner_loss_requeue", "model"}
