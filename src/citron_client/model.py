@@ -342,6 +342,9 @@ class ModelFuzzer:
             for step, (kind, role, frame) in enumerate(todo, 1):
                 if isinstance(frame, bytes) or len(frame) > 512 * 1024:
                     continue  # (the transport's business, not the hub's)
+                if frame == TAKE_OVER:
+                    await self._take_over(step, rng)
+                    continue
                 server_text, model_text = self._aim(frame, rng)
                 name = role.value
                 if role is Role.RUNNER and rng.random() < 0.5:
@@ -461,6 +464,35 @@ class ModelFuzzer:
                 if not text.startswith("ack:"):
                     self._differ(step, side, "(end of the run)", [], [text])
 
+    async def _take_over(self, step: int, rng: random.Random) -> None:
+        """A runner's build taken over by the other runner connection,
+        sometimes cancelled first: the resume rules of §5.4 (4002 to the old
+        connection when it is still open, cancel: again when cancelling,
+        the resume point)."""
+        ready = [
+            s
+            for s in self.sides.values()
+            if s.role is Role.RUNNER and s.wire is not None and s.build and s.session
+        ]
+        if not ready:
+            return
+        old = rng.choice(ready)
+        new = self.sides["RUNNER2" if old.name == "RUNNER" else "RUNNER"]
+        assert old.build is not None and old.session is not None
+        if rng.random() < 0.7:
+            server_cancel, model_cancel = (f'API:cancel:{{"build": "{b}"}}' for b in old.build)
+            await self.step(step, "take_over", "API", server_cancel, model_cancel)
+        if rng.random() < 0.5:
+            await self.step(step, "take_over", old.name, CLOSE, CLOSE)
+        texts = [
+            "RUNNER:init:"
+            + json.dumps(
+                {"type": "simple", "protocol": 2, "resume": {"build": build, "session": session}}
+            )
+            for build, session in zip(old.build, old.session, strict=True)
+        ]
+        await self.step(step, "take_over", new.name, texts[0], texts[1])
+
     @staticmethod
     def _learn(side: _Side, frames: list[str], which: int) -> None:
         """Note the session and build a runner was given (``which``: 0 the
@@ -568,12 +600,18 @@ class ModelFuzzer:
 #: Not a frame: the runner's connection closes (a lost runner; another may
 #: resume its build).
 CLOSE = "(close)"
+#: Not a frame: the other runner connection takes over a runner's build
+#: (a cancel first, a close first, each sometimes), see ``_take_over``.
+TAKE_OVER = "(take over)"
 #: Seconds given to the server to take a close before the next frame.
 CLOSE_SETTLE = 0.05
 
 #: Frames that move the server's state along (ids aimed by ``_aim``).
 STATE_FRAMES: list[tuple[Role, str]] = [
     (Role.RUNNER, CLOSE),
+    (Role.RUNNER, TAKE_OVER),
+    (Role.RUNNER, TAKE_OVER),
+    (Role.RUNNER, TAKE_OVER),
     (Role.RUNNER, 'RUNNER:init:{"type": "simple", "protocol": 1}'),
     (Role.RUNNER, 'RUNNER:init:{"type": "other", "protocol": 2}'),
     (Role.RUNNER, 'RUNNER:init:{"type": "simple", "resume": {"build": "b", "session": "s"}}'),
