@@ -298,6 +298,7 @@ class ModelFuzzer:
         }
         self.stop_after = stop_after
         self._conns = 0
+        self._probe: Wire | None = None
 
     # -- the frames ---------------------------------------------------------------------
 
@@ -345,10 +346,26 @@ class ModelFuzzer:
                 if frame == TAKE_OVER:
                     await self._take_over(step, rng)
                     continue
-                server_text, model_text = self._aim(frame, rng)
+                # (An edge frame is sent as it is: its ids are part of the edge.)
+                server_text, model_text = (
+                    (frame, frame) if kind == "edge" else self._aim(frame, rng)
+                )
                 name = role.value
                 if role is Role.RUNNER and rng.random() < 0.5:
                     name = "RUNNER2"
+                if frame.startswith("RUNNER:process:") and rng.random() < 0.7:
+                    busy = [s.name for s in self.sides.values() if s.build and s.wire]
+                    name = rng.choice(busy) if busy else name  # (a runner given a build)
+                side = self.sides[name]
+                if (
+                    side.role is Role.RUNNER
+                    and side.init is None
+                    and not frame.startswith("RUNNER:init:")
+                    and rng.random() < 0.8
+                ):
+                    # Most of the time a runner registers first, so that its
+                    # frames reach builds (sometimes not: not_registered).
+                    await self.step(step, "register", name, REGISTER, REGISTER)
                 await self.step(step, kind, name, server_text, model_text)
                 if len(self.report.differences) >= self.stop_after:
                     break
@@ -358,6 +375,8 @@ class ModelFuzzer:
             for side in self.sides.values():
                 if side.wire is not None:
                     await side.wire.close()
+            if self._probe is not None:
+                await self._probe.close()
         return self.report
 
     async def step(
@@ -387,7 +406,7 @@ class ModelFuzzer:
         now = time.time()
         if server_text == CLOSE:
             await side.wire.close()
-            await asyncio.sleep(CLOSE_SETTLE)  # for the server to see it
+            await self._until_gone(side)
             self.model.disconnect(side.conn, now)
             side.wire = None
         else:
@@ -418,6 +437,27 @@ class ModelFuzzer:
                 self.model.disconnect(other.conn, now)
                 other.wire = None
         return answered
+
+    async def _until_gone(self, side: _Side) -> None:
+        """Wait until the server has taken a runner's close: its runner is no
+        longer listed (asked on a connection of the fuzzer's own, which the
+        model does not see), or ``CLOSE_SETTLE`` when it never registered."""
+        runner = side.runner[0] if side.runner and side.init else None
+        if runner is None:
+            await asyncio.sleep(CLOSE_SETTLE)
+            return
+        if self._probe is None:
+            self._probe = await Wire.open(self.url, self.tokens.get(Role.API), ca=self.ca)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            await self._probe.send("API:get_runners:")
+            try:
+                text = await self._probe.recv_text(self.timeout)
+            except WireTimeout:
+                return
+            if isinstance(text, Closed) or f'"{runner}"' not in text:
+                return
+            await asyncio.sleep(0.01)
 
     async def _open(self, side: _Side) -> None:
         if side.wire is not None:
@@ -597,6 +637,8 @@ class ModelFuzzer:
         return server.values[rank], model.values[rank]
 
 
+#: A runner's registration.
+REGISTER = 'RUNNER:init:{"type": "simple", "protocol": 1}'
 #: Not a frame: the runner's connection closes (a lost runner; another may
 #: resume its build).
 CLOSE = "(close)"
@@ -617,6 +659,9 @@ STATE_FRAMES: list[tuple[Role, str]] = [
     (Role.RUNNER, 'RUNNER:init:{"type": "simple", "resume": {"build": "b", "session": "s"}}'),
     (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "line\\n"}'),
     (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "seq", "seq": 1}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "seq", "seq": 1}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "two", "seq": 2}'),
+    (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "line\\n"}'),
     (Role.RUNNER, 'RUNNER:process:{"finished": false, "log": "gap", "seq": 5}'),
     (Role.RUNNER, 'RUNNER:process:{"finished": true, "success": true}'),
     (Role.RUNNER, 'RUNNER:process:{"finished": true, "success": false, "build": "b"}'),
@@ -675,6 +720,7 @@ def edge_frames() -> list[tuple[Role, str]]:
         (Role.API, run_of(256 * 1024)),
         (Role.API, run_of(256 * 1024 + 1)),
         (Role.API, 'API:get_builds:{"limit": 1001}'),
+        (Role.API, 'API:get_build:{"build": "no-such-build", "req": "an error echoes it"}'),
         (Role.API, 'API:get_builds:{"limit": 0}'),
         (Role.API, 'API:get_builds:{"limit": 2.0}'),
         (Role.API, "API:get_runners:" + json.dumps({"req": "r" * 256})),
