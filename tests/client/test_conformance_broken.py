@@ -21,6 +21,9 @@ from .broken_hubs import BROKEN, FAST
 
 Serve = Callable[[Hub], "AsyncIterator[str]"]
 
+#: Real servers on loopback sockets, in-process: part of the slow suite.
+pytestmark = pytest.mark.slow
+
 
 class Served:
     """A hub served by the real websockets transport on a free loopback port."""

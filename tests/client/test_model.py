@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from citron_client.model import STATE_FRAMES, ModelFuzzer, Normal, edge_frames
 from citron_protocol import Hub, HubConfig, Role
 from citron_server.host import RandomIds
@@ -31,6 +33,9 @@ UNSEEN = {
     "acks_to_protocol_1": "ack: frames come when the store says, so they are not compared",
     "no_rate_limit": "the fuzzer stays within the request budget, on purpose",
 }
+
+#: Real servers on loopback sockets, in-process: part of the slow suite.
+pytestmark = pytest.mark.slow
 
 
 @functools.cache

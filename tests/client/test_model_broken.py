@@ -9,6 +9,9 @@ import pytest
 from .broken_hubs import BROKEN
 from .test_model import CONFIG, UNSEEN, model_fuzz, state_frames
 
+#: Real servers on loopback sockets, in-process: part of the slow suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("name", sorted(set(BROKEN) - set(UNSEEN)))
 async def test_a_broken_rule_is_a_difference(name: str) -> None:
