@@ -550,6 +550,8 @@ async def _conformance(args: argparse.Namespace) -> int:
             raise UsageError("conformance takes a server URL, or --runner -- COMMAND...")
         if args.protocol_only:
             raise UsageError("--protocol-only is for --runner: a server has no shell checks")
+        if args.model < 0:
+            raise UsageError(f"--model {args.model}: a number of frames, 0 or more")
         checker = ServerConformance(
             args.url,
             _tokens(args),

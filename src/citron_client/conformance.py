@@ -191,7 +191,7 @@ class ServerConformance:
         await wire.send(
             f'RUNNER:init:{{"type": {json.dumps(type)}, "protocol": {protocol}{resume}}}'
         )
-        ready = await wire.expect("ready", self.timeout)
+        ready = await self.expect(wire, "ready")
         return wire, ready
 
     async def expect(self, wire: Wire, command: str, skip: tuple[str, ...] = ()) -> Any:
@@ -308,7 +308,7 @@ class ServerConformance:
         _check(len(mine) == 1, "the runner is not listed by get_runners")
         _check(mine[0].type == t and mine[0].state.value == "WAITING", f"listed as {mine[0]!r}")
         await wire.send('RUNNER:init:{"type": ' + json.dumps(t) + ', "protocol": 1}')
-        again = await wire.expect("ready", self.timeout)
+        again = await self.expect(wire, "ready")
         _check(again.runner == ready.runner, "a repeated identical init changed the registration")
         return f"runner {ready.runner}"
 
@@ -318,7 +318,7 @@ class ServerConformance:
         builds = [await self.submit(api, t) for _ in range(3)]
         wire, _ = await self.runner(t)
         for expected in builds:
-            run = await wire.expect("run", self.timeout)
+            run = await self.expect(wire, "run")
             _check(run.build == expected, f"got {run.build}, expected {expected} (FIFO)")
             await wire.send(
                 f'RUNNER:process:{{"finished": true, "success": true, "build": "{run.build}"}}'
@@ -338,7 +338,7 @@ class ServerConformance:
         info = await self.build(api, typed)
         _check(info.state is BuildState.QUEUED, f"the typed build is {info.state}")
         right, _ = await self.runner(t)
-        run = await right.expect("run", self.timeout)
+        run = await self.expect(right, "run")
         _check(run.build == typed, "the typed build did not go to the runner of its type")
         await right.send('RUNNER:process:{"finished": true, "success": true}')
         await self.ask(api, f'API:cancel:{{"build": "{typed}"}}')
@@ -348,7 +348,7 @@ class ServerConformance:
         runner, ready = await self.runner(t)
         api = await self.open(Role.API)
         build = await self.submit(api, t)
-        run = await runner.expect("run", self.timeout)
+        run = await self.expect(runner, "run")
         _check(run.build == build, "the runner got another build")
         return runner, api, build, ready
 

@@ -211,14 +211,7 @@ def _structure_steps(value: Any, _: Any) -> tuple[Step, ...] | None:
         return None
     if not isinstance(value, list):
         raise TypeError("expected a list of steps")
-    hook = _converter.get_structure_hook(Step)
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(hook(item, Step))
-        except Exception as exc:
-            raise _PathError(f"[{i}]", exc) from exc
-    return tuple(out)
+    return _structure_items(value, Step)
 
 
 _converter.register_structure_hook(tuple[Step, ...] | None, _structure_steps)
@@ -273,13 +266,21 @@ _register_message(Unsubscribed, omit=False)
 def _structure_list(items: Any, cls: type[Any], key: str) -> tuple[Any, ...]:
     if not isinstance(items, list):
         raise FieldError(key, "expected a list")
+    try:
+        return _structure_items(items, cls)
+    except _PathError as exc:
+        raise _PathError(key, exc) from exc
+
+
+def _structure_items(items: list[Any], cls: type[Any]) -> tuple[Any, ...]:
+    """Each item of a list as ``cls``; a problem is named by its index."""
     out = []
     hook = _converter.get_structure_hook(cls)
     for i, item in enumerate(items):
         try:
             out.append(hook(item, cls))
         except Exception as exc:
-            raise _PathError(f"{key}[{i}]", exc) from exc
+            raise _PathError(f"[{i}]", exc) from exc
     return tuple(out)
 
 

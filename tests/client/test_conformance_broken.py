@@ -72,6 +72,25 @@ async def test_the_unbroken_hub_passes_every_check() -> None:
     assert model.status == SKIP and "give --model N" in model.detail
 
 
+async def test_a_timer_check_names_the_setting_to_align() -> None:
+    """A server whose lost grace is longer than the tool was told: the
+    check fails, naming --lost-grace (and --cancel-timeout likewise)."""
+    slow = HubConfig(lost_grace=4.0, cancel_timeout=4.0)
+    async with Served(Hub(RandomIds(), slow)) as url:
+        checker = ServerConformance(
+            url,
+            lost_grace=0.5,
+            cancel_timeout=0.5,
+            max_wait=5,
+            timeout=1,
+            only=("runner_loss_requeue", "cancel_timeout"),
+        )
+        results = {r.name: r for r in await checker.run()}
+    loss, cancel = results["runner_loss_requeue"], results["cancel_timeout"]
+    assert loss.status == FAIL and "give it with --lost-grace" in loss.detail, loss
+    assert cancel.status == FAIL and "give it with --cancel-timeout" in cancel.detail, cancel
+
+
 async def test_the_model_check_compares_with_the_reference_model() -> None:
     async with Served(Hub(RandomIds(), HubConfig())) as url:
         (result,) = await conformance(url, "model", model=600).run()

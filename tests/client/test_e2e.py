@@ -115,6 +115,8 @@ def test_ref_env_and_a_failed_clone(server: ServerProc, spawn: Spawn, git_repo: 
     )
     assert missing.returncode == 1
     assert "exited with code 128" in missing.stdout
+    newest = json.loads(citron("builds", server.url, "--json").stdout)[0]
+    assert [s["state"] for s in show(server.url, newest["id"])["steps"]] == ["skipped"]
     # The runner survived both.
     again = citron("submit", server.url, "--repo", str(git_repo), "--script", "true", "--wait")
     assert again.returncode == 0

@@ -128,3 +128,14 @@ def test_cli_model_fuzz_passes_on_citron(server_factory: ServerFactory, tmp_path
     bad.write_text("hello\n")
     refused = citron("fuzz", server.url, "--model", "--replay", str(bad))
     assert refused.returncode == 64 and "line 1: not ROLE:command:payload" in refused.stderr
+    missing = citron("fuzz", server.url, "--model", "--replay", str(tmp_path / "none.txt"))
+    assert missing.returncode == 64 and "none.txt" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    # A frame the transport refuses before the hub sees it is counted, not sent.
+    big = tmp_path / "big.txt"
+    big.write_text("API:get_runners:" + "x" * (600 * 1024) + "\nAPI:get_runners:\n")
+    counted = citron("fuzz", server.url, "--model", "--replay", str(big), timeout=120)
+    assert counted.returncode == 0, counted.stdout + counted.stderr
+    assert "replay 1, replay not sent (binary or over 512 KiB) 1" in counted.stdout
+    negative = citron("conformance", server.url, "--model", "-1")
+    assert negative.returncode == 64 and "--model -1" in negative.stderr

@@ -368,6 +368,32 @@ async def test_a_401_asks_for_the_token_and_keeps_it(server_factory: Any, browse
     assert errors == []
 
 
+async def test_a_cancelled_build_opens_the_cancelled_step(
+    server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any
+) -> None:
+    """The step that was running when the build was cancelled is the open
+    section, marked cancelled; the line after it did not run."""
+    spawn(*runner_argv(server.url), log_name="runner")
+    build = await submit(server, git_repo, "echo one", "sleep 120", "echo never")
+    page = await open_page(browser, http_base(server) + f"#/builds/{build}")
+    await page.page.locator("#log .section", has_text="$ sleep 120").wait_for()
+    cancelled = await asyncio.to_thread(procs.citron, "cancel", server.url, build)
+    assert cancelled.returncode == 0, cancelled.stderr
+    await page.page.locator('[data-fact="state"] .badge.cancelled').wait_for()
+    await page.page.locator('#log .section[data-step="cancelled"]').wait_for()
+    opened = page.page.locator("#log .section.open")
+    assert await opened.count() == 1
+    assert await opened.locator(".title").inner_text() == "$ sleep 120"
+    assert await opened.locator(".step").inner_text() == "\u2298 cancelled"
+    items = page.page.locator('[data-fact="script"] li')
+    assert await items.evaluate_all("items => items.map(i => i.dataset.step)") == [
+        "passed",
+        "cancelled",
+        "skipped",
+    ]
+    assert page.errors == []
+
+
 async def test_sections_failure_banner_and_raw_log(
     server: ServerProc, spawn: Spawn, git_repo: Path, browser: Any, transport: str
 ) -> None:

@@ -327,3 +327,17 @@ def test_an_ack_for_what_was_not_sent_forgets_nothing() -> None:
     )
     sent = proto.data_to_send()
     assert [json.loads(f.split(":", 2)[2])["seq"] for f in sent] == [1, 2]
+
+
+def test_steps_go_with_the_result_one_per_script_line() -> None:
+    from citron_protocol import Step, StepState, UsageError
+
+    h = Harness()
+    pair, build, _ = started(h)  # a script of one line ("make")
+    with pytest.raises(UsageError, match="one step per script line: 2 steps for 1 lines"):
+        pair.proto.finish(success=True, steps=[Step(state=StepState.PASSED)] * 2)
+    assert pair.proto.phase is RunnerPhase.RUNNING  # refused: nothing changed
+    pair.proto.finish(success=False, exit_code=2, steps=[Step(state=StepState.FAILED, exit_code=2)])
+    pair.pump()
+    info = h.hub.build(build)
+    assert info is not None and info.steps == (Step(state=StepState.FAILED, exit_code=2),)

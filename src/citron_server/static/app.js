@@ -529,36 +529,32 @@ class LogView {
 
   // Which step each section shows: the sections titled "$ LINE" of the
   // lines that ran, in order (the clone's and the log's own sections are
-  // none). A map of section index to {step, line}.
-  stepSections() {
-    const out = new Map();
-    if (!this.steps) return out;
+  // none), and the index of the section where the build failed: the
+  // section of the step that ended it (the last that ran, failed or
+  // cancelled); without steps, the last section of a failed build; -1:
+  // none. Worked out again only when the sections, the steps or the state
+  // change.
+  stepInfo() {
     const sections = this.term.sections;
+    const key = `${sections.length} ${this.state}`;
+    if (this.info && this.info.key === key && this.info.steps === this.steps) return this.info;
+    const bySection = new Map();
     let at = 0;
-    this.steps.forEach((step, i) => {
+    (this.steps ?? []).forEach((step, i) => {
       if (step.state === "skipped" || i >= this.script.length) return;
       const title = stepTitle(this.script[i]);
       let found = at;
       while (found < sections.length && sections[found].title !== title) found++;
       if (found < sections.length) {
-        out.set(found, { step, line: i });
+        bySection.set(found, step);
         at = found + 1;
       }
     });
-    return out;
-  }
-
-  // The index of the section where the build failed: the section of the
-  // step that ended it (the last that ran, failed or cancelled); without
-  // steps, the last section of a failed build. -1: none.
-  failingIndex() {
-    const sections = this.term.sections;
-    const mapped = [...(this.bySection ?? this.stepSections())];
-    if (mapped.length) {
-      const [index, { step }] = mapped[mapped.length - 1];
-      return step.state === "failed" || step.state === "cancelled" ? index : -1;
-    }
-    return this.state === "failure" && sections.length ? sections.length - 1 : -1;
+    let failing = this.state === "failure" && sections.length ? sections.length - 1 : -1;
+    const last = [...bySection].pop();
+    if (last) failing = last[1].state === "failed" || last[1].state === "cancelled" ? last[0] : -1;
+    this.info = { key, steps: this.steps, bySection, failing };
+    return this.info;
   }
 
   // Whether a section shows its lines: as the reader chose; else, in a
@@ -567,7 +563,7 @@ class LogView {
   isOpen(section, index) {
     if (section.open !== null) return section.open;
     if (this.state !== "failure" && this.state !== "cancelled") return true;
-    const failing = this.failing ?? this.failingIndex();
+    const { failing } = this.stepInfo();
     return failing < 0 || index === failing;
   }
 
@@ -592,8 +588,6 @@ class LogView {
   }
 
   render() {
-    this.bySection = this.stepSections();
-    this.failing = this.failingIndex();
     const blocks = this.blocks();
     if (this.target !== null && !this.jumped) {
       const home = blocks.find((b) => b.section && this.target > b.from && this.target <= b.to);
@@ -632,7 +626,6 @@ class LogView {
       }
     }
     this.rows.replaceChildren(...nodes);
-    this.failing = null;
     if (this.onrender) this.onrender();
     this.follow.textContent = this.following ? "following new output" : "scrolled up: not following (scroll to the end to follow)";
   }
@@ -649,20 +642,21 @@ class LogView {
   header(block) {
     const { section, index } = block;
     const open = this.isOpen(section, index);
-    const failed = index === this.failingIndex();
-    const mapped = (this.bySection ?? this.stepSections()).get(index);
+    const { bySection, failing } = this.stepInfo();
+    const failed = index === failing;
+    const step = bySection.get(index);
     const node = el("div", {
       class: `section${open ? " open" : ""}${failed ? " failed" : ""}`,
       "data-section": String(index + 1), role: "button", tabindex: "0", "aria-expanded": String(open),
     }, el("span", { class: "fold" }, open ? "▾" : "▸"));
-    if (mapped) {
-      node.dataset.step = mapped.step.state;
-      node.append(stepBadge(mapped.step));
+    if (step) {
+      node.dataset.step = step.state;
+      node.append(stepBadge(step));
     }
     node.append(el("span", { class: "title" }, section.title),
       el("span", { class: "count" }, `${block.to - block.from} line${block.to - block.from === 1 ? "" : "s"}`));
-    if (mapped && mapped.step.duration !== null && mapped.step.duration !== undefined) {
-      node.append(el("span", { class: "time" }, stepTime(mapped.step.duration)));
+    if (step && step.duration !== null && step.duration !== undefined) {
+      node.append(el("span", { class: "time" }, stepTime(step.duration)));
     }
     const toggle = () => { section.open = !open; this.following = false; this.schedule(); };
     node.onclick = toggle;
@@ -684,8 +678,8 @@ class LogView {
 
   // The section where the build failed, or null.
   failedSection() {
-    const index = this.failingIndex();
-    return this.state === "failure" && index >= 0 ? this.term.sections[index] : null;
+    const { failing } = this.stepInfo();
+    return this.state === "failure" && failing >= 0 ? this.term.sections[failing] : null;
   }
 }
 
