@@ -34,6 +34,7 @@ model starts empty.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -302,6 +303,7 @@ class ModelFuzzer:
         self.stop_after = stop_after
         self._conns = 0
         self._probe: Wire | None = None
+        self.stuck = False  # the server stopped reading: nothing more is sent
 
     # -- the frames ---------------------------------------------------------------------
 
@@ -374,16 +376,17 @@ class ModelFuzzer:
                     # frames reach builds (sometimes not: not_registered).
                     await self.step(step, "register", name, REGISTER, REGISTER)
                 await self.step(step, kind, name, server_text, model_text)
-                if len(self.report.differences) >= self.stop_after:
+                if self.stuck or len(self.report.differences) >= self.stop_after:
                     break
             else:
                 await self._drain(len(todo) + 1)
         finally:
-            for side in self.sides.values():
-                if side.wire is not None:
-                    await side.wire.close()
-            if self._probe is not None:
-                await self._probe.close()
+            wires = [s.wire for s in self.sides.values()] + [self._probe]
+            for wire in wires:
+                if wire is not None:
+                    # (A server that stopped reading never answers the close.)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wire.close(), self.timeout)
         return self.report
 
     async def step(
@@ -402,6 +405,8 @@ class ModelFuzzer:
     async def _step(
         self, step: int, kind: str, name: str, server_text: str, model_text: str
     ) -> bool:
+        if self.stuck:
+            return False
         side = self.sides[name]
         role = side.role
         if side.wire is None or (role is not Role.RUNNER and side.requests >= ROTATE_AFTER):
@@ -417,7 +422,19 @@ class ModelFuzzer:
             self.model.disconnect(side.conn, now)
             side.wire = None
         else:
-            await side.wire.send(server_text)
+            try:
+                await asyncio.wait_for(side.wire.send(server_text), self.timeout)
+            except TimeoutError:
+                # A server that does not read: said, and the run ends here.
+                self._differ(
+                    step,
+                    side,
+                    server_text,
+                    ["(the frame read)"],
+                    [f"(unread after {self.timeout:g} s)"],
+                )
+                self.stuck = True
+                return False
             self.model.receive(side.conn, model_text, now)
         answered = False
         for other in self.sides.values():

@@ -86,6 +86,33 @@ def test_frames_are_the_same_for_a_seed_and_reach_every_kind() -> None:
     assert {role for _, role, _ in again} == set(Role)
 
 
+async def test_a_server_that_stops_reading_ends_the_run_with_a_difference() -> None:
+    """A peer that never reads: the fuzzer does not hang on its send."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    done = asyncio.Event()
+
+    async def never_reads(ws: object) -> None:
+        await done.wait()
+
+    async with serve(
+        never_reads, "127.0.0.1", 0, max_queue=1, max_size=None, close_timeout=0.5
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        big = "API:get_runners:" + json.dumps({"req": "r", "pad": "x" * 500_000})
+        fuzzer = ModelFuzzer(f"ws://127.0.0.1:{port}/ws", timeout=0.2, stop_after=10**6)
+        try:
+            report = await asyncio.wait_for(fuzzer.run([("replay", Role.API, big)] * 200), 60)
+        finally:
+            done.set()
+    assert fuzzer.stuck
+    last = report.differences[-1]
+    assert last.got == ["(unread after 0.2 s)"], (last, report.steps)
+    assert report.steps < 200
+
+
 def test_normalizing_maps_ids_secrets_and_times_by_rank() -> None:
     server, model = Normal(), Normal()
     a = server.frame('ready:{"runner": "r-9f", "protocol": 1, "session": "x' + "s" * 31 + '"}')
